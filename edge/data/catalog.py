@@ -1,0 +1,59 @@
+"""Named datasets, loaded as float32 inputs in [0, 1] and int64 labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.data.idx import load_idx_directory
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train/test split. ``x`` is float32 ``(N, *input_shape)``, ``y`` is int64 ``(N,)``."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    input_shape: tuple[int, ...]
+    classes: int
+
+
+def _digits(seed: int, test_fraction: float) -> Dataset:
+    from sklearn.datasets import load_digits  # only the basestation side needs scikit-learn
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = int(round(len(y) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return Dataset("digits", x[train], y[train], x[test], y[test], (64,), 10)
+
+
+def _idx(name: str, directory: str) -> Dataset:
+    x_train, y_train, x_test, y_test = load_idx_directory(directory)
+
+    def scale(images: np.ndarray) -> np.ndarray:
+        return (images.astype(np.float32) / 255.0)[:, None, :, :]
+
+    h, w = x_train.shape[1:]
+    return Dataset(name, scale(x_train), y_train.astype(np.int64), scale(x_test), y_test.astype(np.int64),
+                   (1, h, w), int(max(y_train.max(), y_test.max())) + 1)
+
+
+def load_dataset(name: str = "digits", *, seed: int = 0, test_fraction: float = 0.25) -> Dataset:
+    """Load a dataset by name.
+
+    ``"digits"``: scikit-learn's bundled 8x8 digits, split by a seeded permutation.
+    ``"mnist:DIR"`` or ``"fashion-mnist:DIR"``: the four IDX files in DIR (raw or .gz).
+    """
+    kind, _, path = name.partition(":")
+    if kind == "digits" and not path:
+        return _digits(seed, test_fraction)
+    if kind in ("mnist", "fashion-mnist") and path:
+        return _idx(kind, path)
+    raise ValueError(f"unknown dataset {name!r}; use 'digits', 'mnist:DIR' or 'fashion-mnist:DIR'")
