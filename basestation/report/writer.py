@@ -1,0 +1,183 @@
+"""Write a whole report: figures as PNG, tables as CSV, and the self-contained report.html.
+
+    >>> from basestation.report import load_run, write_report
+    >>> files = write_report([load_run("runs/int8")], "runs/int8", target_accuracy=0.9)
+    >>> files.html
+    PosixPath('runs/int8/report.html')
+
+A figure that fails to draw is replaced by a sentence saying so, so a report
+written at the end of a long run is never lost to one bad plot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from basestation.report import figures, metrics, tables
+from basestation.report.data import ReportError, RunData, finite
+from basestation.report.html import FigureImage, RunSection, render_page
+
+TITLE = "qfl-testbed: measured and modelled energy"
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """The files a report consists of."""
+
+    html: Path
+    figures: list[Path]
+    csv: list[Path]
+
+
+# key -> (title, caption, why it can be empty, drawing function)
+RUN_FIGURES: dict[str, tuple[str, str, str, Callable[[RunData], Figure | None]]] = {
+    "accuracy": ("Accuracy", "Test accuracy of the global model after each round, against the round and against "
+                 "the cumulative measured energy of all devices.",
+                 "No rounds were recorded, so there is no accuracy to plot.", figures.accuracy_figure),
+    "energy-rounds": ("Energy per round", "Measured energy of all devices and phases in each round beside the "
+                      "model before and after calibration, and the modelling error per round.",
+                      "No energy reports were stored, so there is no energy to plot.",
+                      figures.energy_rounds_figure),
+    "energy-devices": ("Energy per device and phase", "Each device's measured energy in each phase over the whole "
+                       "run beside the model; with emulator logs, measured against ground truth.",
+                       "No energy reports were stored, so there is no energy to plot.",
+                       figures.energy_devices_figure),
+    "precision": ("Precision trajectory", "Training precision n and uplink precision m used in each round.",
+                  "No rounds were recorded, so there is no precision trajectory.", figures.precision_figure),
+}
+
+
+def slugify(name: str) -> str:
+    """A file-name-safe form of a run name: ``"int 8/a"`` -> ``"int-8-a"``."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return slug or "run"
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """The names with repeats made distinct by a suffix: ``["a", "a"]`` -> ``["a", "a-2"]``."""
+    used: set[str] = set()
+    result = []
+    for name in names:
+        candidate, count = name, 1
+        while candidate in used:
+            count += 1
+            candidate = f"{name}-{count}"
+        used.add(candidate)
+        result.append(candidate)
+    return result
+
+
+def _draw(key: str, title: str, caption: str, draw: Callable[[], Figure | None], empty: str, filename: str,
+          figure_dir: Path) -> tuple[FigureImage | None, str | None]:
+    try:
+        fig = draw()
+        if fig is None:
+            return None, empty
+        png = figures.render_png(fig)
+    except Exception as exc:  # one broken plot must not cost the whole report
+        return None, f"This figure could not be drawn ({type(exc).__name__}: {exc})."
+    _write_bytes(figure_dir / filename, png)
+    return FigureImage(key=key, title=title, caption=caption, png=png, filename=filename), None
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _summary(run: RunData, target: metrics.TargetResult) -> list[tuple[str, str]]:
+    rounds = run.sorted_rounds()
+    accuracies = [r.accuracy for r in rounds if finite(r.accuracy)]
+    overall = metrics.overall_error(run)
+    truth = [t.difference_pct for t in metrics.ground_truth_agreement(run) if t.difference_pct is not None]
+    fmt = tables.format_value
+    rows = [
+        ("rounds", str(len(rounds))),
+        ("final accuracy", fmt(accuracies[-1] if accuracies else None, "acc")),
+        ("best accuracy", fmt(max(accuracies) if accuracies else None, "acc")),
+        ("total measured energy", tables.format_joules(metrics.total_measured_j(run))
+         + f" over {len(run.energy)} energy reports"),
+        ("of which above idle", tables.format_joules(sum(r.joules_above_idle for r in run.energy))),
+        ("devices", str(len({r.device for r in run.energy}))),
+        ("MAPE before calibration", fmt(overall.mape_model, "pct")),
+        ("MAPE after calibration", fmt(overall.mape_calibrated, "pct")),
+        (f"energy to accuracy {target.target:g}",
+         f"{tables.format_joules(target.joules)} (round {target.round})" if target.reached else "not reached"),
+    ]
+    if truth:
+        worst = max(truth, key=abs)
+        rows.append(("measured vs ground truth", f"{len(truth)} devices, largest difference {worst:+.2f}%"))
+    return rows
+
+
+def write_report(runs: list[RunData], out_dir: str | Path, *, target_accuracy: float = 0.9,
+                 baseline: str | None = None) -> ReportFiles:
+    """Write report.html, figures/*.png and the CSV tables of ``runs`` into ``out_dir``.
+
+    The first run (or the run named ``baseline``) is the baseline of the
+    savings. Run names must be distinct; :func:`unique_names` makes them so.
+    Raises :class:`ReportError` for no runs, repeated names, a bad target or
+    an unknown baseline.
+    """
+    if not runs:
+        raise ReportError("a report needs at least one run")
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise ReportError(f"run names must be distinct, got {names}; rename them or use unique_names()")
+    comparison = metrics.compare(runs, target_accuracy, baseline)
+    out = Path(out_dir)
+    figure_dir = out / "figures"
+    figure_dir.mkdir(parents=True, exist_ok=True)
+
+    slugs = unique_names([slugify(run.name) for run in runs])
+    all_tables = {t.name: t for t in (tables.rounds_table(runs), tables.energy_table(runs),
+                                      tables.errors_table(runs), tables.ground_truth_table(runs),
+                                      tables.comparison_table(comparison), tables.decisions_table(runs))}
+    csv_paths = [tables.write_csv(t, out / f"{name}.csv") for name, t in all_tables.items()]
+
+    sections = []
+    figure_paths = []
+    for run, slug, row in zip(runs, slugs, comparison):
+        drawn, missing = {}, {}
+        for key, (title, caption, empty, draw) in RUN_FIGURES.items():
+            image, reason = _draw(key, title, caption, lambda d=draw: d(run), empty,
+                                  f"{slug}-{key}.png", figure_dir)
+            if image is None:
+                missing[key] = reason
+            else:
+                drawn[key] = image
+                figure_paths.append(figure_dir / image.filename)
+        per_run = {name: t.where("run", run.name).without("run") for name, t in all_tables.items()}
+        sections.append(RunSection(name=run.name, slug=slug, path=str(run.path), summary=_summary(run, row.target),
+                                   notes=metrics.run_notes(run), figures=drawn, missing=missing, tables=per_run,
+                                   config=run.config))
+
+    comparison_images = []
+    if len(runs) > 1:
+        specs = [("comparison-accuracy-energy", "Accuracy against energy, all runs",
+                  "Test accuracy against cumulative measured energy for each run; the dotted line is the target.",
+                  lambda: figures.comparison_accuracy_figure(runs, target_accuracy)),
+                 ("comparison-energy-to-target", "Energy to the target accuracy",
+                  "Measured energy each run used until its first round at or above the target.",
+                  lambda: figures.comparison_target_figure(comparison))]
+        for key, title, caption, draw in specs:
+            image, _ = _draw(key, title, caption, draw, "", f"{key}.png", figure_dir)
+            if image is not None:
+                comparison_images.append(image)
+                figure_paths.append(figure_dir / image.filename)
+
+    files = [p.name for p in csv_paths] + [f"figures/{p.name}" for p in figure_paths]
+    page = render_page(title=TITLE, generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       target=target_accuracy, sections=sections, comparison=all_tables["comparison"],
+                       comparison_figures=comparison_images, files=files)
+    html_path = out / "report.html"
+    _write_bytes(html_path, page.encode("utf-8"))
+    return ReportFiles(html=html_path, figures=figure_paths, csv=csv_paths)
