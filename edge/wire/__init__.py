@@ -30,10 +30,12 @@ Uplink quantization (``edge.wire.uplink``)::
         # "kim2022": fixed step 2**-(m-1), clipped to [-1, 1 - 2**-(m-1)].
         # m == 1 is sign: code q in {-1, 0} means value (2q + 1) * 2**scale_exp.
         # rounding "stochastic" (unbiased; needs rng) or "nearest" (rng may be None).
+        # ValueError for a bad m, scheme, rounding, missing rng or NaN/inf input.
+
+Tensors (``edge.wire.tensor``)::
+
     dequantize_tensor(t: QuantizedTensor) -> np.ndarray           # float32, shape t.shape
     dequantize(tensors: Iterable[QuantizedTensor]) -> dict[str, np.ndarray]   # name -> float32
-
-Messages (``edge.wire.message``)::
 
     @dataclass(frozen=True)
     QuantizedTensor(name: str, shape: tuple[int, ...], bits: int, scale_exp: int,
@@ -42,6 +44,10 @@ Messages (``edge.wire.message``)::
         # values are raw float32; otherwise values are integer codes (stored with
         # dtype code_dtype(bits), shape `shape`), value = q * 2**scale_exp.
         # .count -> int (elements), .payload_size -> int (ceil(bits * count / 8))
+        # Shapes may have zero-size dimensions; scale_exp in [-200, 128 - bits]
+        # (127 at 1 bit) so every value dequantizes to a finite float32.
+
+Messages (``edge.wire.message``)::
 
     @dataclass(frozen=True)
     Message(msg_type: str, experiment: str, device: str, round: int, base_hash: bytes,
@@ -51,6 +57,7 @@ Messages (``edge.wire.message``)::
         # model's own hash). kind "difference" or "full". base_hash 32 bytes,
         # nonce 16 bytes. Equality compares every field and every value.
         # .weights() -> dict[str, np.ndarray]   (dequantize(self.tensors))
+        # .payload_bytes -> int
 
     @dataclass(frozen=True)
     Limits(max_message_bytes: int = 64 * 2**20, max_tensors: int = 1024,
@@ -65,17 +72,19 @@ Messages (``edge.wire.message``)::
                  key: bytes, samples: int = 0, sender: str = "basestation",
                  nonce: bytes | None = None) -> bytes
         # base_hash = model_hash(dequantize(tensors)); kind "full".
+        # nonce None -> 16 random bytes from os.urandom (pass one only for test vectors).
+        # key: bytes, at least 16. Bad arguments raise WireError too.
     encode_message(message: Message, key: bytes) -> bytes
-        # nonce None -> 16 random bytes from os.urandom.
     decode_message(data: bytes | bytearray | memoryview, *, limits: Limits = DEFAULT_LIMITS,
                    key: bytes | None = None) -> Message
         # Raises WireError (reason "truncated", "too_large", "bad_magic",
         # "bad_version", "bad_length", "bad_crc", "bad_signature" (only when key
         # is given), "bad_type", "bad_kind", "bad_bits", "bad_rounding",
-        # "bad_shape", "bad_name", "bad_scale", "bad_model_hash", "trailing_data").
+        # "bad_shape", "bad_name", "bad_scale", "bad_model_hash", "bad_value"
+        # (NaN/inf in a float32 payload), "bad_field", "trailing_data").
     read_header(data, *, limits: Limits = DEFAULT_LIMITS) -> Header
-        # Header(version, msg_type, kind, experiment, device, round, base_hash,
-        # samples, nonce, tensor_count, total_length): checks sizes, magic,
+        # Header(version, msg_type, kind, experiment, device, round, samples,
+        # base_hash, nonce, tensor_count, total_length): checks sizes, magic,
         # version, length and CRC, parses no tensor; use it to look up the key.
     signature_ok(data: bytes | bytearray | memoryview, key: bytes) -> bool
         # HMAC-SHA256 over every byte before the last 32, constant-time compare.
@@ -88,11 +97,15 @@ Messages (``edge.wire.message``)::
 Verification for the basestation (``edge.wire.verify``)::
 
     @dataclass(frozen=True)
-    Verdict(reason: str, detail: str, message: Message | None, wire_reason: str | None)
+    Verdict(reason: str, detail: str = "", message: Message | None = None,
+            wire_reason: str | None = None, header: Header | None = None)
         # reason: "ok", "malformed" (wire_reason = the WireError reason),
         # "unknown_device", "forged", "wrong_experiment", "stale_round" (an update
         # for an earlier or a later round), "wrong_base", "replayed".
-        # .accepted -> bool (reason == "ok"); message is set only when accepted.
+        # .accepted -> bool (reason == "ok"); message is set only when accepted;
+        # header is whatever could be read (claimed device id) even when rejected.
+        # Order of checks: malformed header, unknown_device, forged, malformed
+        # tensors, replayed, wrong_experiment, stale_round, wrong_base.
     verify_update(data, *, experiment: str, round: int, base_hash: bytes,
                   key: bytes | Callable[[str], bytes | None], seen_nonces: Container[bytes],
                   limits: Limits = DEFAULT_LIMITS) -> Verdict
@@ -100,6 +113,8 @@ Verification for the basestation (``edge.wire.verify``)::
         # records verdict.message.nonce once it has stored the update).
     verify_model(data, *, experiment: str, key: bytes, round: int | None = None,
                  limits: Limits = DEFAULT_LIMITS) -> Verdict
+    VERDICT_REASONS = ("ok", "malformed", "unknown_device", "forged", "replayed",
+                       "wrong_experiment", "stale_round", "wrong_base")
 
 Errors (``edge.wire.errors``)::
 
@@ -109,7 +124,7 @@ Example::
 
     import numpy as np
     from edge.wire import quantize_update, encode_update, verify_update, dequantize
-    tensors = quantize_update(result.delta, 8, np.random.default_rng(0))
+    tensors = quantize_update(result.delta, 8, np.random.default_rng(seed))
     data = encode_update(tensors, experiment="exp1", device="pi-03", round=4,
                          base_hash=model_msg.base_hash, samples=512, key=device_key)
     verdict = verify_update(data, experiment="exp1", round=4, base_hash=model_msg.base_hash,
@@ -118,6 +133,53 @@ Example::
         delta = dequantize(verdict.message.tensors)
 """
 
+from edge.wire.bits import code_dtype, pack_bits, packed_size, unpack_bits
 from edge.wire.errors import REASONS, WireError
+from edge.wire.message import (
+    DEFAULT_LIMITS,
+    Header,
+    Limits,
+    Message,
+    decode_message,
+    encode_message,
+    encode_model,
+    encode_update,
+    message_size,
+    model_hash,
+    read_header,
+    signature_ok,
+)
+from edge.wire.tensor import QuantizedTensor, dequantize, dequantize_tensor
+from edge.wire.uplink import SCHEMES, quantize_tensor, quantize_update
+from edge.wire.verify import VERDICT_REASONS, Verdict, verify_model, verify_update
 
-__all__ = ["REASONS", "WireError"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "REASONS",
+    "SCHEMES",
+    "VERDICT_REASONS",
+    "Header",
+    "Limits",
+    "Message",
+    "QuantizedTensor",
+    "Verdict",
+    "WireError",
+    "code_dtype",
+    "decode_message",
+    "dequantize",
+    "dequantize_tensor",
+    "encode_message",
+    "encode_model",
+    "encode_update",
+    "message_size",
+    "model_hash",
+    "pack_bits",
+    "packed_size",
+    "quantize_tensor",
+    "quantize_update",
+    "read_header",
+    "signature_ok",
+    "unpack_bits",
+    "verify_model",
+    "verify_update",
+]

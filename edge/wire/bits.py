@@ -6,15 +6,17 @@ last byte is zero-padded. Unpacking sign-extends.
 
 How it is fast without a loop over bits: n in {8, 16, 32} is a dtype view of
 little-endian integers. For any other n, 8 values make exactly n bytes, so
-the stream is cut into groups of 8 values. Inside a group, values are paired
-(2n <= 64 bits fit one uint64 word), and the four pair words are placed at
-bit offsets 0, 2n, 4n, 6n of a row of 64-bit lanes whose little-endian bytes,
-cut to n, are the group's bytes. Every step is a numpy operation over all
-groups at once; the number of operations depends only on n.
+the stream is cut into groups of 8 values. Inside a group, neighbours are
+joined (lo | hi << width) into words of 2n, 4n, then 8n bits while a word
+fits 64 bits; those words are placed at their bit offsets in a row of
+64-bit lanes whose little-endian bytes, cut to n, are the group's bytes.
+Unpacking runs the same steps backwards. Every step is one numpy operation
+over all groups of a cache-sized chunk, so the work per value does not
+depend on n and nothing large is precomputed.
 
 >>> pack_bits([1, -1, 2], 3).hex()
-'b9'
->>> unpack_bits(bytes.fromhex("b9"), 3, 3)
+'b900'
+>>> unpack_bits(bytes.fromhex("b900"), 3, 3)
 array([ 1, -1,  2], dtype=int8)
 """
 
