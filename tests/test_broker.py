@@ -1,0 +1,235 @@
+"""The private Mosquitto: config, ACL, lifecycle by PID, persistence, TLS, and the MqttLink plumbing."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from basestation.broker import (Broker, BrokerError, BrokerTls, MosquittoMissing, acl_text, find_program,
+                                mosquitto_config)
+from basestation.credentials import BrokerAccount
+from edge.mqtt import BrokerSettings, Message, MqttError, MqttLink, Topics, connect_blocking, parse_url
+
+EXP = "exp1"
+T = Topics(EXP)
+ACCOUNTS = [BrokerAccount("bs", "bs-secret"), BrokerAccount("user-a", "pw-a", "dev-a"),
+            BrokerAccount("user-b", "pw-b", "dev-b")]
+
+
+def link(url: str, client_id: str, *, user: str | None = None, password: str | None = None, protocol: str = "5",
+         subs: list[str] = (), **kw: object) -> MqttLink:
+    settings = BrokerSettings(url, username=user, password=password, protocol=protocol, reconnect_max=1.0)
+    out = MqttLink(settings, client_id, subscriptions=[(s, 1) for s in subs], **kw)  # type: ignore[arg-type]
+    connect_blocking(out, 5.0)
+    return out
+
+
+def messages(lnk: MqttLink, wait: float = 0.5) -> list[Message]:
+    """Messages received within ``wait`` seconds of quiet."""
+    out = []
+    while (event := lnk.next_event(wait)) is not None:
+        if isinstance(event, Message):
+            out.append(event)
+    return out
+
+
+def test_acl_gives_devices_only_their_own_topics() -> None:
+    text = acl_text(ACCOUNTS, EXP)
+    blocks: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("user "):
+            current = blocks.setdefault(line, [])
+        elif line.startswith("topic "):
+            current.append(line)
+    assert blocks["user bs"] == ["topic readwrite qfl/exp1/#"]
+    dev_a = blocks["user user-a"]
+    assert sorted(line for line in dev_a if line.startswith("topic write")) == [
+        f"topic write qfl/exp1/device/dev-a/{k}" for k in ("energy", "hello", "status", "update")]
+    assert sorted(line for line in dev_a if line.startswith("topic read")) == [
+        "topic read qfl/exp1/device/dev-a/ack", "topic read qfl/exp1/model/+", "topic read qfl/exp1/round"]
+    assert "dev-b" not in "\n".join(dev_a)
+
+
+def test_acl_and_config_reject_bad_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="broker username"):
+        acl_text([BrokerAccount("a b", "pw")], EXP)
+    with pytest.raises(ValueError, match="experiment id"):
+        acl_text(ACCOUNTS, "exp/1")
+    conf = mosquitto_config(port=1884, host="127.0.0.1", directory=tmp_path, password_file=None, acl_file=None)
+    assert "allow_anonymous true" in conf and "listener 1884 127.0.0.1" in conf and "log_dest stderr" in conf
+
+
+def test_missing_program_says_how_to_install() -> None:
+    with pytest.raises(MosquittoMissing, match="apt-get install mosquitto mosquitto-clients"):
+        find_program("mosquitto-not-installed-here")
+    assert issubclass(MosquittoMissing, FileNotFoundError)
+
+
+def test_parse_url() -> None:
+    assert parse_url("mqtt://10.0.0.2") == ("mqtt", "10.0.0.2", 1883)
+    assert parse_url("mqtts://broker.lan:9000") == ("mqtts", "broker.lan", 9000)
+    for bad in ("http://x", "mqtt://", "mqtt://u:p@host", "mqtt://host/path", "mqtt://host:99999"):
+        with pytest.raises(ValueError, match="broker URL"):
+            parse_url(bad)
+
+
+def test_start_stop_by_pid(tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "b").start()
+    try:
+        pid = broker.pid
+        assert pid is not None and broker.running and broker.url.startswith("mqtt://127.0.0.1:")
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=2):
+            pass
+        assert f"pid {pid}" in repr(broker)
+    finally:
+        broker.stop()
+    assert not broker.running and broker.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    broker.stop()  # safe twice
+    assert "terminating" in broker.log_text()
+
+
+def test_fixed_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(BrokerError, match="in use|exited"):
+            Broker(tmp_path / "b", port=port, start_timeout=5).start()
+
+
+def test_two_brokers_get_different_ports(broker_factory) -> None:
+    a, b = broker_factory(), broker_factory()
+    assert a.port != b.port and a.running and b.running
+
+
+def test_wrong_password_is_refused(broker_factory) -> None:
+    broker = broker_factory(accounts=ACCOUNTS, experiment=EXP)
+    with pytest.raises(MqttError, match="refused"):
+        link(broker.url, "x", user="user-a", password="wrong")
+    with pytest.raises(MqttError, match="refused"):
+        link(broker.url, "y")  # anonymous
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_acl_device_cannot_speak_for_another(broker_factory, protocol: str) -> None:
+    broker = broker_factory(accounts=ACCOUNTS, experiment=EXP)
+    bs = link(broker.url, "bs", user="bs", password="bs-secret", subs=["qfl/exp1/#"])
+    a = link(broker.url, "dev-a", user="user-a", password="pw-a", protocol=protocol,
+             subs=[T.round, T.models, T.device("dev-a", "ack"), T.device("dev-b", "ack")])
+    try:
+        forged = a.publish(T.device("dev-b", "update"), b"forged")
+        forged.wait_for_publish(3)
+        a.publish(T.device("dev-a", "update"), b"own").wait_for_publish(3)
+        a.publish(T.round, b"fake plan").wait_for_publish(3)
+        bs.publish(T.device("dev-b", "ack"), b"ack for b").wait_for_publish(3)
+        bs.publish(T.device("dev-a", "ack"), b"ack for a").wait_for_publish(3)
+        got_bs = [(m.topic, m.payload) for m in messages(bs)]
+        got_a = [(m.topic, m.payload) for m in messages(a)]
+        assert (T.device("dev-a", "update"), b"own") in got_bs
+        assert (T.device("dev-b", "update"), b"forged") not in got_bs
+        assert (T.round, b"fake plan") not in got_bs
+        assert got_a == [(T.device("dev-a", "ack"), b"ack for a")]
+        if protocol == "5":  # only MQTT 5 can tell the publisher it was refused
+            assert "Not authorized" in a.refused_publishes.get(forged.mid, "")
+        else:
+            assert a.refused_publishes == {}
+    finally:
+        a.stop()
+        bs.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_persistent_session_survives_broker_restart(broker, protocol: str) -> None:
+    sub = link(broker.url, "keeper", protocol=protocol, subs=["qfl/exp1/device/+/update"])
+    pub = link(broker.url, "pub", protocol=protocol)
+    try:
+        sub.stop()  # offline, session kept
+        pub.publish(T.round, b"plan-1", retain=True).wait_for_publish(3)
+        pub.publish(T.device("d", "update"), b"queued while offline").wait_for_publish(3)
+        pub.stop()
+        broker.restart()  # SIGTERM: Mosquitto writes its persistence file
+        again = link(broker.url, "keeper", protocol=protocol, subs=["qfl/exp1/device/+/update"])
+        assert [m.payload for m in messages(again)] == [b"queued while offline"]
+        fresh = link(broker.url, "fresh", protocol=protocol, subs=[T.round])
+        assert [(m.payload, m.retain) for m in messages(fresh)] == [(b"plan-1", True)]
+        again.stop()
+        fresh.stop()
+    finally:
+        sub.stop()
+
+
+def test_kill_and_restart_on_same_port(broker) -> None:
+    port, pid = broker.port, broker.pid
+    broker.kill()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    broker.start()
+    assert broker.port == port and broker.pid != pid
+    client = link(broker.url, "after-kill")
+    client.stop()
+
+
+def test_link_reconnects_and_resubscribes_after_restart(broker) -> None:
+    sub = link(broker.url, "resub", subs=[T.round])
+    try:
+        broker.kill()
+        broker.start()
+        deadline = time.monotonic() + 10
+        while not sub.connected or sub.events.qsize() == 0:
+            assert time.monotonic() < deadline, "no reconnect within 10 s"
+            time.sleep(0.05)
+        pub = link(broker.url, "pub2")
+        pub.publish(T.round, b"after").wait_for_publish(3)
+        pub.stop()
+        assert b"after" in [m.payload for m in messages(sub)]
+    finally:
+        sub.stop()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 made with the openssl tool."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=qfl test CA", cwd=d)
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=127.0.0.1", cwd=d)
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf", cwd=d)
+    return {name: d / name for name in ("ca.crt", "server.crt", "server.key")}
+
+
+def test_tls_listener(broker_factory, tls_files: dict[str, Path], tmp_path: Path) -> None:
+    tls = BrokerTls(certfile=str(tls_files["server.crt"]), keyfile=str(tls_files["server.key"]))
+    broker = broker_factory(accounts=ACCOUNTS, experiment=EXP, tls=tls)
+    assert broker.url.startswith("mqtts://")
+    settings = BrokerSettings(broker.url, username="bs", password="bs-secret", ca_file=str(tls_files["ca.crt"]))
+    good = MqttLink(settings, "tls-ok", subscriptions=[(T.round, 1)])
+    connect_blocking(good, 5)
+    good.publish(T.round, b"over tls").wait_for_publish(3)
+    assert [m.payload for m in messages(good)] == [b"over tls"]
+    good.stop()
+    # A client that does not trust the test CA never gets a session.
+    other_ca = tmp_path / "other"
+    other_ca.mkdir()
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "k", "-out", "c.crt", "-days", "1",
+             "-subj", "/CN=other", cwd=other_ca)
+    untrusting = MqttLink(BrokerSettings(broker.url, username="bs", password="bs-secret",
+                                         ca_file=str(other_ca / "c.crt")), "tls-bad")
+    with pytest.raises(MqttError):
+        connect_blocking(untrusting, 1)
+    with pytest.raises(MqttError, match="TLS file not found"):
+        MqttLink(BrokerSettings(broker.url, ca_file=str(tmp_path / "missing.crt")), "tls-missing")
