@@ -74,8 +74,13 @@ def unique_names(names: list[str]) -> list[str]:
     return result
 
 
-def _draw(key: str, title: str, caption: str, draw: Callable[[], Figure | None], empty: str, filename: str,
-          figure_dir: Path) -> tuple[FigureImage | None, str | None]:
+def draw_figure(key: str, title: str, caption: str, draw: Callable[[], Figure | None], empty: str, filename: str,
+                figure_dir: Path) -> tuple[FigureImage | None, str | None]:
+    """Draw one figure and save it as ``figure_dir/filename``; returns ``(image, None)`` or ``(None, why not)``.
+
+    ``draw`` returning None means there is nothing to draw (the reason is
+    ``empty``); an exception becomes a sentence naming it.
+    """
     try:
         fig = draw()
         if fig is None:
@@ -148,7 +153,7 @@ def write_report(runs: list[RunData], out_dir: str | Path, *, target_accuracy: f
     for run, slug, row in zip(runs, slugs, comparison):
         drawn, missing = {}, {}
         for key, (title, caption, empty, draw) in RUN_FIGURES.items():
-            image, reason = _draw(key, title, caption, lambda d=draw: d(run), empty,
+            image, reason = draw_figure(key, title, caption, lambda d=draw: d(run), empty,
                                   f"{slug}-{key}.png", figure_dir)
             if image is None:
                 missing[key] = reason
@@ -169,7 +174,7 @@ def write_report(runs: list[RunData], out_dir: str | Path, *, target_accuracy: f
                   "Measured energy each run used until its first round at or above the target.",
                   lambda: figures.comparison_target_figure(comparison))]
         for key, title, caption, draw in specs:
-            image, _ = _draw(key, title, caption, draw, "", f"{key}.png", figure_dir)
+            image, _ = draw_figure(key, title, caption, draw, "", f"{key}.png", figure_dir)
             if image is not None:
                 comparison_images.append(image)
                 figure_paths.append(figure_dir / image.filename)

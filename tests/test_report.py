@@ -1,0 +1,310 @@
+"""The measured-versus-modelled report: metrics, CSV, figures and the self-contained HTML."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from basestation.report import EnergyRecord, ReportError, RoundRecord, RunData, write_report
+from basestation.report import metrics
+from basestation.report.tables import format_joules
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def synthetic_run(name: str, seed: int, *, rounds: int = 10, devices: int = 3, bits: tuple[int, int] = (8, 8),
+                  ground_truth: bool = True, model: bool = True) -> RunData:
+    """A run that looks like a real one: accuracy rising, energy per device and phase, noisy predictions."""
+    rng = np.random.default_rng(seed)
+    round_records, energy = [], []
+    for r in range(1, rounds + 1):
+        n, m = (32, 32) if r <= 2 else bits
+        accuracy = float(min(0.99, 1.0 - 0.9 * math.exp(-r / 3.0) + rng.normal(0, 0.01)))
+        round_records.append(RoundRecord(r, accuracy, float(2.3 * math.exp(-r / 3.0)), n, m, devices, devices,
+                                         float(2.0 + rng.random())))
+        for d in range(devices):
+            for phase, watts_s in (("train", 3.0 * n / 32), ("uplink", 0.4 * m / 32)):
+                above = float(watts_s * (1.0 + 0.2 * rng.random()))
+                joules = above + float(1.5 + 0.1 * rng.random())
+                energy.append(EnergyRecord(
+                    device=f"pi-{d}", round=r, phase=phase, joules=joules, joules_above_idle=above,
+                    seconds=float(1.0 + rng.random()), samples=int(rng.integers(80, 120)),
+                    partial=bool(rng.random() < 0.05),
+                    model_joules=above * float(rng.uniform(1.5, 2.5)) if model else None,
+                    calibrated_joules=(above * float(1.0 + rng.normal(0, 0.05))) if model and r > 1 else None))
+    truth = None
+    if ground_truth:
+        truth = {}
+        for e in energy:
+            truth[e.device] = truth.get(e.device, 0.0) + e.joules * 1.02
+    decisions = [{"round": r.round, "policy": "model", "n": r.bits_n, "m": r.bits_m} for r in round_records]
+    return RunData(name, Path(f"/runs/{name}"), {"experiment": name, "seed": seed}, round_records, energy,
+                   decisions, truth)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def run_with(name: str, accuracies: list[float], joules_per_round: float, devices: int = 2) -> RunData:
+    """A hand-made run: ``devices`` devices each reporting an equal share of ``joules_per_round`` in 'train'."""
+    rounds = [RoundRecord(i + 1, acc, 1.0, 8, 8, devices, devices, 1.0) for i, acc in enumerate(accuracies)]
+    share = joules_per_round / devices
+    energy = [EnergyRecord(f"pi-{d}", i + 1, "train", share, share / 2, 1.0, 100, False, None, None)
+              for i in range(len(accuracies)) for d in range(devices)]
+    return RunData(name, Path(name), {}, rounds, energy, [], None)
+
+
+@pytest.fixture(scope="module")
+def two_run_report(tmp_path_factory: pytest.TempPathFactory):
+    runs = [synthetic_run("fp32", 1, bits=(32, 32)), synthetic_run("int8", 2, bits=(8, 8))]
+    out = tmp_path_factory.mktemp("report")
+    return runs, out, write_report(runs, out, target_accuracy=0.8)
+
+
+# ---- files and sums ----
+
+def test_report_writes_html_figures_and_csv(two_run_report) -> None:
+    runs, out, files = two_run_report
+    assert files.html == out / "report.html" and files.html.stat().st_size > 0
+    names = sorted(p.name for p in (out / "figures").iterdir())
+    expected = sorted([f"{run}-{key}.png" for run in ("fp32", "int8")
+                       for key in ("accuracy", "energy-rounds", "energy-devices", "precision")]
+                      + ["comparison-accuracy-energy.png", "comparison-energy-to-target.png"])
+    assert names == expected
+    for path in files.figures:
+        assert path.read_bytes().startswith(PNG_MAGIC)
+    assert sorted(p.name for p in files.csv) == sorted(
+        ["rounds.csv", "energy.csv", "errors.csv", "ground_truth.csv", "comparison.csv", "decisions.csv"])
+
+
+def test_csv_energy_sums_equal_the_input_records(two_run_report) -> None:
+    runs, out, _ = two_run_report
+    rows = read_csv(out / "energy.csv")
+    for run in runs:
+        mine = [r for r in rows if r["run"] == run.name]
+        assert len(mine) == len(run.energy)
+        for column in ("joules", "joules_above_idle", "model_joules"):
+            stored = math.fsum(float(r[column]) for r in mine if r[column])
+            given = math.fsum(getattr(e, column) for e in run.energy if getattr(e, column) is not None)
+            assert stored == pytest.approx(given, rel=1e-12, abs=0)
+        assert sum(r["partial"] == "true" for r in mine) == sum(e.partial for e in run.energy)
+
+
+def test_cumulative_energy_of_last_round_is_the_measured_total(two_run_report) -> None:
+    runs, out, _ = two_run_report
+    rounds = read_csv(out / "rounds.csv")
+    comparison = {r["run"]: r for r in read_csv(out / "comparison.csv")}
+    for run in runs:
+        mine = [r for r in rounds if r["run"] == run.name]
+        total = math.fsum(e.joules for e in run.energy)
+        assert float(mine[-1]["cumulative_j"]) == pytest.approx(total, rel=1e-12)
+        assert math.fsum(float(r["measured_j"]) for r in mine) == pytest.approx(total, rel=1e-12)
+        assert float(comparison[run.name]["total_measured_j"]) == pytest.approx(total, rel=1e-12)
+        cumulative = [float(r["cumulative_j"]) for r in mine]
+        assert cumulative == sorted(cumulative)
+
+
+def test_html_states_the_measured_total_of_each_run(two_run_report) -> None:
+    runs, out, _ = two_run_report
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for run in runs:
+        total = format_joules(math.fsum(e.joules for e in run.energy))
+        assert f"{total} over {len(run.energy)} energy reports" in page
+
+
+def test_errors_csv_matches_mape_computed_by_hand(two_run_report) -> None:
+    runs, out, _ = two_run_report
+    rows = read_csv(out / "errors.csv")
+    for run in runs:
+        train = [e for e in run.energy if e.phase == "train"]
+        by_hand = np.mean([abs(e.model_joules - e.joules_above_idle) / e.joules_above_idle * 100 for e in train])
+        with_cal = [e for e in train if e.calibrated_joules is not None]
+        by_hand_cal = np.mean([abs(e.calibrated_joules - e.joules_above_idle) / e.joules_above_idle * 100
+                               for e in with_cal])
+        row = next(r for r in rows if r["run"] == run.name and r["group"] == "phase" and r["key"] == "train")
+        assert float(row["mape_model_pct"]) == pytest.approx(by_hand, rel=1e-12)
+        assert float(row["mape_calibrated_pct"]) == pytest.approx(by_hand_cal, rel=1e-12)
+        assert int(row["with_calibrated"]) == len(with_cal) < int(row["records"])
+        assert float(row["measured_j"]) == pytest.approx(math.fsum(e.joules_above_idle for e in train), rel=1e-12)
+
+
+# ---- energy to target and savings ----
+
+def test_energy_to_target_and_saving_of_two_runs(tmp_path: Path) -> None:
+    base = run_with("base", [0.50, 0.80, 0.92, 0.95], joules_per_round=10.0)
+    quant = run_with("quant", [0.60, 0.91, 0.93, 0.96], joules_per_round=12.0)
+    table = metrics.compare([base, quant], 0.9)
+    assert [(c.target.round, c.target.joules) for c in table] == [(3, pytest.approx(30.0)), (2, pytest.approx(24.0))]
+    assert table[0].is_baseline and table[0].saving_pct == pytest.approx(0.0)
+    assert table[1].saving_pct == pytest.approx(20.0)
+
+    write_report([base, quant], tmp_path, target_accuracy=0.9)
+    rows = {r["run"]: r for r in read_csv(tmp_path / "comparison.csv")}
+    assert rows["base"]["baseline"] == "true" and rows["quant"]["baseline"] == "false"
+    assert (rows["quant"]["target_round"], float(rows["quant"]["energy_to_target_j"])) == ("2", 24.0)
+    assert float(rows["quant"]["saving_pct"]) == pytest.approx(20.0)
+
+
+def test_named_baseline_and_target_not_reached(tmp_path: Path) -> None:
+    base = run_with("base", [0.50, 0.80, 0.92, 0.95], joules_per_round=10.0)
+    quant = run_with("quant", [0.60, 0.91, 0.93, 0.96], joules_per_round=12.0)
+    table = metrics.compare([base, quant], 0.9, baseline="quant")
+    assert table[0].saving_pct == pytest.approx(-25.0) and table[1].is_baseline
+
+    table = metrics.compare([base, quant], 0.955)
+    assert not table[0].target.reached and table[0].saving_pct is None
+    assert table[1].target.round == 4 and table[1].saving_pct is None
+
+    write_report([base, quant], tmp_path, target_accuracy=0.955)
+    rows = {r["run"]: r for r in read_csv(tmp_path / "comparison.csv")}
+    assert rows["base"]["reached"] == "false" and rows["base"]["energy_to_target_j"] == ""
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "not reached" in page
+
+
+def test_energy_of_rounds_without_a_result_counts_towards_later_rounds() -> None:
+    run = run_with("gap", [0.5, 0.7, 0.95], joules_per_round=10.0)
+    kept = [r for r in run.rounds if r.round != 2]           # round 2 was abandoned: energy stored, no result
+    run = RunData(run.name, run.path, {}, kept, run.energy, [], None)
+    assert metrics.cumulative_energy(run) == [(1, pytest.approx(10.0)), (3, pytest.approx(30.0))]
+    assert metrics.energy_to_target(run, 0.9).joules == pytest.approx(30.0)
+    assert any("without a stored result (2)" in note for note in metrics.run_notes(run))
+
+
+def test_bad_comparison_input_names_what_was_expected() -> None:
+    runs = [run_with("a", [0.5], 1.0), run_with("b", [0.6], 1.0)]
+    with pytest.raises(ReportError, match="baseline run 'c' is not among the runs: a, b"):
+        metrics.compare(runs, 0.9, baseline="c")
+    with pytest.raises(ReportError, match=r"target accuracy must be a number in \[0, 1\], got 90"):
+        metrics.compare(runs, 90)
+    with pytest.raises(ReportError, match="run names must be distinct"):
+        write_report([runs[0], runs[0]], Path("/nonexistent-never-written"))
+    with pytest.raises(ReportError, match="at least one run"):
+        write_report([], Path("/nonexistent-never-written"))
+
+
+# ---- ground truth ----
+
+def test_ground_truth_agreement_per_device(two_run_report) -> None:
+    runs, out, _ = two_run_report
+    rows = read_csv(out / "ground_truth.csv")
+    for run in runs:
+        mine = {r["device"]: r for r in rows if r["run"] == run.name}
+        assert sorted(mine) == sorted(run.ground_truth_j)
+        for device, truth in run.ground_truth_j.items():
+            measured = math.fsum(e.joules for e in run.energy if e.device == device)
+            assert float(mine[device]["difference_pct"]) == pytest.approx((measured - truth) / truth * 100)
+            assert float(mine[device]["difference_pct"]) == pytest.approx(100 / 1.02 - 100)
+
+
+def test_device_missing_from_one_side_of_the_ground_truth() -> None:
+    run = run_with("gt", [0.5], 4.0)
+    run = RunData(run.name, run.path, {}, run.rounds, run.energy, [], {"pi-0": 2.5, "pi-9": 1.0})
+    rows = {t.device: t for t in metrics.ground_truth_agreement(run)}
+    assert rows["pi-0"].difference_pct == pytest.approx(-20.0)
+    assert rows["pi-1"].ground_truth_j is None and rows["pi-1"].difference_pct is None
+    assert rows["pi-9"].measured_j == 0.0 and rows["pi-9"].difference_pct == pytest.approx(-100.0)
+
+
+# ---- the HTML page ----
+
+def test_html_embeds_every_figure_as_png_data_uri_and_loads_nothing(two_run_report) -> None:
+    _, out, files = two_run_report
+    page = files.html.read_text(encoding="utf-8")
+    sources = re.findall(r'<img\s[^>]*src="([^"]*)"', page)
+    assert len(sources) == len(files.figures) == 10
+    embedded = set()
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        embedded.add(base64.b64decode(src.split(",", 1)[1], validate=True))
+    assert embedded == {p.read_bytes() for p in files.figures}
+    assert "http://" not in page and "https://" not in page and "href=" not in page
+    for tag in ("<script", "<link", "<iframe", "<object", "<embed", "@import", "url("):
+        assert tag not in page.lower()
+
+
+def test_html_escapes_text_from_the_run(tmp_path: Path) -> None:
+    run = run_with('<b onclick="x">evil</b>', [0.5, 0.9], 2.0)
+    run = RunData(run.name, run.path, {"note": "<script>alert(1)</script>"}, run.rounds, run.energy, [], None)
+    page = write_report([run], tmp_path).html.read_text(encoding="utf-8")
+    assert "<script>" not in page and '<b onclick' not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert (tmp_path / "figures" / "b-onclick-x-evil-b-accuracy.png").exists()
+
+
+# ---- robustness ----
+
+def test_run_with_zero_rounds_says_so(tmp_path: Path) -> None:
+    run = RunData("empty", tmp_path, {}, [], [], [], None)
+    files = write_report([run], tmp_path, target_accuracy=0.9)
+    page = files.html.read_text(encoding="utf-8")
+    assert files.figures == []
+    assert "No rounds were recorded" in page and "No energy reports were stored" in page
+    assert "not reached" in page
+    rows = read_csv(tmp_path / "rounds.csv")
+    assert rows == []
+
+
+def test_run_with_energy_but_no_rounds_still_draws_energy(tmp_path: Path) -> None:
+    full = synthetic_run("cut", 5, rounds=2)
+    run = RunData("cut", tmp_path, {}, [], full.energy, [], None)
+    files = write_report([run], tmp_path)
+    assert sorted(p.name for p in files.figures) == ["cut-energy-devices.png", "cut-energy-rounds.png"]
+    page = files.html.read_text(encoding="utf-8")
+    assert "No rounds were recorded, so there is no accuracy to plot." in page
+    assert format_joules(math.fsum(e.joules for e in full.energy)) in page
+
+
+def test_single_round_and_missing_model_are_reported(tmp_path: Path) -> None:
+    run = synthetic_run("one", 3, rounds=1, model=False, ground_truth=False)
+    files = write_report([run], tmp_path, target_accuracy=0.99)
+    page = files.html.read_text(encoding="utf-8")
+    assert len(files.figures) == 4
+    assert "Only one round was recorded" in page
+    assert "No modelled energy was stored" in page and "No calibrated energy was stored" in page
+    assert "No emulator ground-truth logs were found" in page
+    errors = read_csv(tmp_path / "errors.csv")
+    assert all(r["mape_model_pct"] == "" and r["mape_calibrated_pct"] == "" for r in errors)
+
+
+def test_nan_accuracy_and_nonpositive_measurements_do_not_break_anything(tmp_path: Path) -> None:
+    rounds = [RoundRecord(1, float("nan"), float("nan"), 8, 8, 2, 0, 0.0), RoundRecord(2, 0.95, 0.1, 8, 8, 2, 2, 1.0)]
+    energy = [EnergyRecord("pi-0", 1, "uplink", 0.3, -0.01, 0.1, 3, True, 0.02, 0.01),
+              EnergyRecord("pi-0", 2, "uplink", 0.3, 0.0, 0.1, 3, False, 0.02, 0.01),
+              EnergyRecord("pi-0", 2, "train", 2.0, 1.0, 1.0, 90, False, 1.5, 1.1)]
+    run = RunData("odd", tmp_path, {}, rounds, energy, [], None)
+    assert metrics.mape(energy, "model") == pytest.approx(50.0)     # only the record with a positive measurement
+    assert metrics.energy_to_target(run, 0.9).round == 2
+    files = write_report([run], tmp_path)
+    assert len(files.figures) == 4
+
+
+def test_a_figure_that_fails_is_replaced_by_a_sentence(tmp_path: Path) -> None:
+    from basestation.report.writer import draw_figure
+
+    def broken():
+        raise RuntimeError("no font")
+
+    image, reason = draw_figure("precision", "Precision", "caption", broken, "empty", "r-precision.png", tmp_path)
+    assert image is None and reason == "This figure could not be drawn (RuntimeError: no font)."
+    assert draw_figure("precision", "Precision", "caption", lambda: None, "nothing to draw", "x.png",
+                       tmp_path) == (None, "nothing to draw")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unique_names_and_large_run_renders(tmp_path: Path) -> None:
+    from basestation.report import unique_names
+
+    assert unique_names(["a", "a", "a-2", "b"]) == ["a", "a-2", "a-2-2", "b"]
+    run = synthetic_run("big", 7, rounds=60, devices=20)
+    files = write_report([run], tmp_path)
+    assert len(files.figures) == 4
+    assert len(read_csv(tmp_path / "energy.csv")) == 60 * 20 * 2
