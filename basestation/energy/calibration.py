@@ -1,0 +1,434 @@
+"""Calibration of the testbed's energy model from measured energy records, per device and for the fleet.
+
+Computation: the joules above idle of one local iteration follow the paper's
+form plus a fixed part,
+
+    E_iter(n) = fixed_j + batch_size * macs_per_sample * A * (n / 32)^alpha
+
+(``A`` is then joules per MAC at 32 bits, directly comparable with the paper's
+3.7e-12 J). Uplink: joules above idle of one round's uplink,
+
+    E_up = joules_per_message * messages + joules_per_bit * bits.
+
+Both fits minimise Huber's loss of the relative residuals by iteratively
+reweighted least squares with non-negative coefficients (numpy only), so a few
+outlying rounds (a retransmission, a busy background process) do not move
+them; alpha is profiled over a grid (coarse, then 0.001 fine). A fit reports
+its quality (R^2, MAPE, outliers) and standard errors, and a fit the data
+cannot support comes back with ``status == "insufficient data"`` and a reason
+instead of raising. Where several rounds ran at the same n, a free per-n table
+of median joules per iteration is returned as well.
+
+    >>> from basestation.energy.calibration import calibrate
+    >>> cal = calibrate(records, macs_per_sample=2368)          # doctest: +SKIP
+    >>> cal.fleet.compute.alpha, cal.devices["pi-1"].uplink.joules_per_bit   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from basestation.energy.records import EnergyRecord
+
+OK = "ok"
+INSUFFICIENT = "insufficient data"
+HUBER_K = 1.345          # 95% efficiency under Gaussian noise
+OUTLIER_Z = 3.0
+ALPHA_RANGE = (0.0, 4.0)
+
+
+@dataclass(frozen=True)
+class FitQuality:
+    """How well a fit explains its data: points used, points flagged as outliers (|z| > 3), and R^2 and
+    MAPE (a fraction: 0.05 is 5%) over the other points."""
+
+    points: int
+    outliers: int
+    r2: float | None
+    mape: float | None
+
+
+@dataclass(frozen=True)
+class PerNEnergy:
+    """One entry of the free per-n table: median joules per local iteration at training precision ``n``."""
+
+    n: int
+    joules_per_iter: float
+    spread_j: float
+    records: int
+
+
+@dataclass(frozen=True)
+class ComputeFit:
+    """Fit of the joules per local iteration against n (see the module docstring).
+
+    ``alpha_fixed`` is true when alpha was held at the given prior because the
+    data span too few precisions. ``stderr`` and ``correlation`` (order:
+    fixed_j, joules_per_mac, alpha) describe the parameter uncertainty.
+    """
+
+    status: str
+    reason: str
+    macs_per_sample: int
+    fixed_j: float | None = None
+    joules_per_mac: float | None = None
+    alpha: float | None = None
+    alpha_fixed: bool = False
+    stderr: dict[str, float | None] | None = None
+    correlation: list[list[float]] | None = None
+    quality: FitQuality | None = None
+    table: tuple[PerNEnergy, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when the parameters are usable."""
+        return self.status == OK
+
+    def energy_per_iter(self, n: Any, batch_size: int) -> np.ndarray:
+        """Modelled joules per local iteration at precision(s) ``n``."""
+        if not self.ok:
+            raise ValueError(f"compute fit is not usable: {self.reason}")
+        n = np.asarray(n, dtype=float)
+        return self.fixed_j + batch_size * self.macs_per_sample * self.joules_per_mac * (n / 32.0) ** self.alpha
+
+    def table_lookup(self) -> dict[int, float]:
+        """The per-n table as {n: joules per iteration}."""
+        return {entry.n: entry.joules_per_iter for entry in self.table}
+
+
+@dataclass(frozen=True)
+class UplinkFit:
+    """Fit of the uplink joules against bits and messages (see the module docstring)."""
+
+    status: str
+    reason: str
+    joules_per_bit: float | None = None
+    joules_per_message: float | None = None
+    stderr: dict[str, float | None] | None = None
+    correlation: list[list[float]] | None = None
+    quality: FitQuality | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the parameters are usable."""
+        return self.status == OK
+
+    def energy(self, bits: Any, messages: Any = 1) -> np.ndarray:
+        """Modelled uplink joules for ``bits`` sent in ``messages`` messages."""
+        if not self.ok:
+            raise ValueError(f"uplink fit is not usable: {self.reason}")
+        return self.joules_per_message * np.asarray(messages, dtype=float) + self.joules_per_bit * np.asarray(
+            bits, dtype=float)
+
+
+@dataclass(frozen=True)
+class DeviceCalibration:
+    """Computation and uplink fits of one device (or of the whole fleet, device ``"*"``)."""
+
+    device: str
+    records: int
+    compute: ComputeFit
+    uplink: UplinkFit
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-device fits and the fit of all records pooled (``fleet``), with the inputs' size."""
+
+    macs_per_sample: int
+    records: int
+    fleet: DeviceCalibration
+    devices: dict[str, DeviceCalibration] = field(default_factory=dict)
+
+    def for_device(self, device: str) -> DeviceCalibration:
+        """The device's own fits where usable, the fleet's otherwise (per part)."""
+        own = self.devices.get(device)
+        if own is None:
+            return self.fleet
+        compute = own.compute if own.compute.ok else self.fleet.compute
+        uplink = own.uplink if own.uplink.ok else self.fleet.uplink
+        return DeviceCalibration(device, own.records, compute, uplink)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (what the store persists)."""
+        return _clean(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Calibration":
+        """Inverse of ``to_dict``."""
+        try:
+            return cls(macs_per_sample=int(data["macs_per_sample"]), records=int(data["records"]),
+                       fleet=_device_from_dict(data["fleet"]),
+                       devices={str(k): _device_from_dict(v) for k, v in data.get("devices", {}).items()})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a calibration dict (as written by Calibration.to_dict): {exc}") from None
+
+
+def calibrate(records: Sequence[EnergyRecord], *, macs_per_sample: int, alpha_prior: float | None = None,
+              min_table_records: int = 3) -> Calibration:
+    """Fit every device's records and all records pooled.
+
+    ``macs_per_sample`` is N_c of the model (``models.counts(arch).macs``).
+    ``alpha_prior``, when given, is used for alpha while the records span only
+    two training precisions.
+    """
+    if not (isinstance(macs_per_sample, int) and macs_per_sample >= 1):
+        raise ValueError(f"macs_per_sample must be a positive integer (N_c of the model), got {macs_per_sample!r}")
+    by_device: dict[str, list[EnergyRecord]] = defaultdict(list)
+    for record in records:
+        if not isinstance(record, EnergyRecord):
+            raise TypeError(f"calibrate() needs EnergyRecord items, got {type(record).__name__}")
+        by_device[record.device].append(record)
+    devices = {name: fit_device(name, recs, macs_per_sample=macs_per_sample, alpha_prior=alpha_prior,
+                                min_table_records=min_table_records)
+               for name, recs in sorted(by_device.items())}
+    fleet = fit_device("*", list(records), macs_per_sample=macs_per_sample, alpha_prior=alpha_prior,
+                       min_table_records=min_table_records)
+    return Calibration(macs_per_sample=macs_per_sample, records=len(records), fleet=fleet, devices=devices)
+
+
+def fit_device(device: str, records: Sequence[EnergyRecord], *, macs_per_sample: int,
+               alpha_prior: float | None = None, min_table_records: int = 3) -> DeviceCalibration:
+    """Computation and uplink fits of one set of records."""
+    return DeviceCalibration(device=device, records=len(records),
+                             compute=fit_compute(records, macs_per_sample=macs_per_sample, alpha_prior=alpha_prior,
+                                                 min_table_records=min_table_records),
+                             uplink=fit_uplink(records))
+
+
+def fit_compute(records: Sequence[EnergyRecord], *, macs_per_sample: int, alpha_prior: float | None = None,
+                min_table_records: int = 3) -> ComputeFit:
+    """Fit fixed_j, joules_per_mac and alpha to the records' joules per local iteration."""
+    y = np.array([r.train_j_per_iter for r in records], dtype=float)
+    n = np.array([r.n for r in records], dtype=float)
+    work = np.array([r.batch_size for r in records], dtype=float) * macs_per_sample
+    table = _per_n_table(n, y, min_table_records)
+    distinct = sorted({int(v) for v in n})
+    free_alpha = len(distinct) >= 3 and len(y) >= 5
+    fixed_alpha = not free_alpha and alpha_prior is not None and len(distinct) >= 2 and len(y) >= 3
+    if not (free_alpha or fixed_alpha):
+        need = "records at 3 or more training precisions (5 or more records)"
+        if alpha_prior is not None:
+            need += ", or at 2 precisions with alpha held at its prior"
+        return ComputeFit(status=INSUFFICIENT, reason=f"need {need}; have {len(y)} record(s) at n = "
+                          f"{', '.join(map(str, distinct)) or 'none'}", macs_per_sample=macs_per_sample, table=table)
+    scale = _relative_scale(y)
+    if free_alpha:
+        alpha, coef, sigma, weights = _profile_alpha(n, work, y, scale)
+    else:
+        if not (math.isfinite(alpha_prior) and ALPHA_RANGE[0] <= alpha_prior <= ALPHA_RANGE[1]):
+            raise ValueError(f"alpha_prior must be within {ALPHA_RANGE}, got {alpha_prior!r}")
+        alpha = float(alpha_prior)
+        design = _compute_design(n, work, np.array([alpha]))
+        coef_g, _, sigma, weights_g = _huber_nnls(design, y, scale)
+        coef, weights = coef_g[0], weights_g[0]
+    fixed_j, per_mac = float(coef[0]), float(coef[1])
+    fitted = fixed_j + work * per_mac * (n / 32.0) ** alpha
+    jac = [np.ones_like(y), work * (n / 32.0) ** alpha]
+    names = ["fixed_j", "joules_per_mac"]
+    if free_alpha:
+        jac.append(work * per_mac * (n / 32.0) ** alpha * np.log(n / 32.0))
+        names.append("alpha")
+    stderr, corr = _uncertainty(np.stack(jac, axis=1) / scale[:, None], weights, sigma, names)
+    if not free_alpha:
+        stderr["alpha"] = None
+    return ComputeFit(status=OK, reason="fitted" if free_alpha else f"fitted with alpha held at {alpha:g}",
+                      macs_per_sample=macs_per_sample, fixed_j=fixed_j, joules_per_mac=per_mac, alpha=float(alpha),
+                      alpha_fixed=not free_alpha, stderr=stderr, correlation=corr,
+                      quality=_quality(y, fitted, (y - fitted) / scale / sigma), table=table)
+
+
+def fit_uplink(records: Sequence[EnergyRecord]) -> UplinkFit:
+    """Fit joules_per_message and joules_per_bit to the records' uplink joules."""
+    used = [r for r in records if r.messages > 0 and r.uplink_bits > 0]
+    if len(used) < 3:
+        return UplinkFit(status=INSUFFICIENT, reason=f"need 3 or more records with an uplink; have {len(used)}")
+    y = np.array([r.uplink_j for r in used], dtype=float)
+    msgs = np.array([r.messages for r in used], dtype=float)
+    bits = np.array([r.uplink_bits for r in used], dtype=float)
+    if len({(b / m) for b, m in zip(bits, msgs)}) < 2:
+        return UplinkFit(status=INSUFFICIENT, reason=f"every uplink sent {bits[0] / msgs[0]:g} bits per message; "
+                         "need at least two message sizes (two uplink precisions m) to separate the cost per bit "
+                         "from the cost per message")
+    scale = _relative_scale(y)
+    design = np.stack([msgs, bits], axis=1)[None]
+    coef_g, _, sigma, weights_g = _huber_nnls(design, y, scale)
+    coef, weights = coef_g[0], weights_g[0]
+    fitted = coef[0] * msgs + coef[1] * bits
+    stderr, corr = _uncertainty(design[0] / scale[:, None], weights, sigma, ["joules_per_message", "joules_per_bit"])
+    return UplinkFit(status=OK, reason="fitted", joules_per_bit=float(coef[1]), joules_per_message=float(coef[0]),
+                     stderr=stderr, correlation=corr, quality=_quality(y, fitted, (y - fitted) / scale / sigma))
+
+
+# --- numerics ---------------------------------------------------------------------------------------------
+
+def _relative_scale(y: np.ndarray) -> np.ndarray:
+    """Per-point scale of the residuals: |y|, floored so near-zero readings do not dominate."""
+    floor = 0.05 * float(np.median(np.abs(y))) or 1e-12
+    return np.maximum(np.abs(y), floor)
+
+
+def _compute_design(n: np.ndarray, work: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """Design matrices for every alpha: shape (G, P, 2), columns [1, work (n/32)^alpha]."""
+    powered = work[None, :] * (n[None, :] / 32.0) ** alphas[:, None]
+    return np.stack([np.ones_like(powered), powered], axis=2)
+
+
+def _profile_alpha(n: np.ndarray, work: np.ndarray, y: np.ndarray, scale: np.ndarray
+                   ) -> tuple[float, np.ndarray, float, np.ndarray]:
+    """Minimise the Huber loss over alpha: a coarse grid with a common robust scale, then a fine grid."""
+    coarse = np.round(np.arange(ALPHA_RANGE[0], ALPHA_RANGE[1] + 1e-9, 0.05), 10)
+    coef, loss, sigma, _ = _huber_nnls(_compute_design(n, work, coarse), y, scale)
+    best = coarse[int(np.argmin(loss))]
+    # Fix the scale at the best coarse fit so the losses of different alphas compare on one footing.
+    _, _, sigma, _ = _huber_nnls(_compute_design(n, work, np.array([best])), y, scale)
+    coef, loss, _, _ = _huber_nnls(_compute_design(n, work, coarse), y, scale, sigma=sigma)
+    best = coarse[int(np.argmin(loss))]
+    fine = np.clip(np.arange(best - 0.06, best + 0.06 + 1e-9, 0.001), *ALPHA_RANGE)
+    coef, loss, _, weights = _huber_nnls(_compute_design(n, work, fine), y, scale, sigma=sigma)
+    i = int(np.argmin(loss))
+    return float(fine[i]), coef[i], sigma, weights[i]
+
+
+def _huber_nnls(design: np.ndarray, y: np.ndarray, scale: np.ndarray, *, sigma: float | None = None,
+                iterations: int = 50) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """Huber IRLS with two non-negative coefficients, vectorised over G design matrices (G, P, 2).
+
+    Residuals are divided by ``scale`` (relative residuals). With ``sigma``
+    None the robust scale is re-estimated (1.4826 MAD) each iteration, from the
+    first design. Returns (coefficients (G, 2), Huber loss (G,), sigma, weights (G, P)).
+    """
+    xs = design / scale[None, :, None]
+    ys = y / scale
+    weights = np.ones(xs.shape[:2])
+    coef = _nnls2(xs, ys, weights)
+    fixed_sigma = sigma
+    for _ in range(iterations):
+        resid = ys[None, :] - np.einsum("gpk,gk->gp", xs, coef)
+        if fixed_sigma is None:
+            sigma = _robust_sigma(resid[0])
+        z = np.abs(resid) / sigma
+        new_weights = np.where(z <= HUBER_K, 1.0, HUBER_K / np.maximum(z, 1e-300))
+        new_coef = _nnls2(xs, ys, new_weights)
+        done = np.allclose(new_coef, coef, rtol=1e-10, atol=0.0)
+        coef, weights = new_coef, new_weights
+        if done:
+            break
+    resid = ys[None, :] - np.einsum("gpk,gk->gp", xs, coef)
+    if fixed_sigma is None:
+        sigma = _robust_sigma(resid[0])
+    z = np.abs(resid) / sigma
+    loss = np.sum(np.where(z <= HUBER_K, 0.5 * z ** 2, HUBER_K * z - 0.5 * HUBER_K ** 2), axis=1)
+    weights = np.where(z <= HUBER_K, 1.0, HUBER_K / np.maximum(z, 1e-300))
+    return coef, loss, float(sigma), weights
+
+
+def _robust_sigma(resid: np.ndarray) -> float:
+    mad = float(np.median(np.abs(resid - np.median(resid))))
+    return max(1.4826 * mad, 1e-9)
+
+
+def _nnls2(xs: np.ndarray, ys: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted least squares with two non-negative coefficients, for G problems at once.
+
+    Solves the 2x2 normal equations; where a coefficient comes out negative the
+    best single-column fit (or zero) replaces it, which is the exact NNLS answer
+    for two unknowns.
+    """
+    a = xs[..., 0]
+    b = xs[..., 1]
+    w = weights
+    saa = np.sum(w * a * a, axis=1)
+    sbb = np.sum(w * b * b, axis=1)
+    sab = np.sum(w * a * b, axis=1)
+    say = np.sum(w * a * ys, axis=1)
+    sby = np.sum(w * b * ys, axis=1)
+    det = saa * sbb - sab ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ca = (sbb * say - sab * sby) / det
+        cb = (saa * sby - sab * say) / det
+        only_a = np.where(saa > 0, np.maximum(say / saa, 0.0), 0.0)
+        only_b = np.where(sbb > 0, np.maximum(sby / sbb, 0.0), 0.0)
+    both_ok = (det > 1e-12 * saa * sbb) & (ca >= 0) & (cb >= 0)
+    # Among the boundary solutions pick the one with the smaller weighted residual.
+    ra = np.sum(w * (ys[None, :] - only_a[:, None] * a) ** 2, axis=1)
+    rb = np.sum(w * (ys[None, :] - only_b[:, None] * b) ** 2, axis=1)
+    pick_a = ra <= rb
+    out_a = np.where(both_ok, ca, np.where(pick_a, only_a, 0.0))
+    out_b = np.where(both_ok, cb, np.where(pick_a, 0.0, only_b))
+    return np.stack([np.nan_to_num(out_a), np.nan_to_num(out_b)], axis=1)
+
+
+def _uncertainty(jac: np.ndarray, weights: np.ndarray, sigma: float, names: list[str]
+                 ) -> tuple[dict[str, float | None], list[list[float]]]:
+    """Standard errors and correlation from the Gauss-Newton information sigma^-2 J^T W J."""
+    norms = np.linalg.norm(jac, axis=0)
+    norms[norms == 0] = 1.0
+    scaled = jac / norms
+    info = scaled.T @ (weights[:, None] * scaled)
+    dof = max(jac.shape[0] - jac.shape[1], 1)
+    correction = jac.shape[0] / dof
+    cov_scaled = np.linalg.pinv(info) * sigma ** 2 * correction
+    cov = cov_scaled / np.outer(norms, norms)
+    se = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    degenerate = np.diag(info) < 1e-12
+    stderr = {name: (None if bad else float(value)) for name, value, bad in zip(names, se, degenerate)}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = cov / np.outer(se, se)
+    corr = np.where(np.isfinite(corr), corr, 0.0)
+    np.fill_diagonal(corr, 1.0)
+    return stderr, np.clip(corr, -1.0, 1.0).tolist()
+
+
+def _quality(y: np.ndarray, fitted: np.ndarray, z: np.ndarray) -> FitQuality:
+    """R^2 and MAPE over the inliers (|z| <= 3), so a few flagged outliers do not hide a good fit."""
+    inlier = np.abs(z) <= OUTLIER_Z
+    yi, fi = y[inlier], fitted[inlier]
+    ss_tot = float(np.sum((yi - yi.mean()) ** 2)) if yi.size else 0.0
+    r2 = 1.0 - float(np.sum((yi - fi) ** 2)) / ss_tot if ss_tot > 0 else None
+    nonzero = np.abs(yi) > 0
+    mape = float(np.mean(np.abs(yi[nonzero] - fi[nonzero]) / np.abs(yi[nonzero]))) if nonzero.any() else None
+    return FitQuality(points=int(y.size), outliers=int(np.sum(~inlier)), r2=r2, mape=mape)
+
+
+def _per_n_table(n: np.ndarray, y: np.ndarray, min_records: int) -> tuple[PerNEnergy, ...]:
+    entries = []
+    for value in sorted({int(v) for v in n}):
+        sel = y[n == value]
+        if sel.size >= min_records:
+            med = float(np.median(sel))
+            entries.append(PerNEnergy(n=value, joules_per_iter=med,
+                                      spread_j=float(1.4826 * np.median(np.abs(sel - med))), records=int(sel.size)))
+    return tuple(entries)
+
+
+# --- (de)serialisation ------------------------------------------------------------------------------------
+
+def _clean(value: Any) -> Any:
+    """Replace non-finite floats by None so the dict is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _quality_from_dict(data: Mapping[str, Any] | None) -> FitQuality | None:
+    return None if data is None else FitQuality(**data)
+
+
+def _device_from_dict(data: Mapping[str, Any]) -> DeviceCalibration:
+    c = dict(data["compute"])
+    c["quality"] = _quality_from_dict(c.get("quality"))
+    c["table"] = tuple(PerNEnergy(**entry) for entry in c.get("table", ()))
+    u = dict(data["uplink"])
+    u["quality"] = _quality_from_dict(u.get("quality"))
+    return DeviceCalibration(device=str(data["device"]), records=int(data["records"]),
+                             compute=ComputeFit(**c), uplink=UplinkFit(**u))
