@@ -81,7 +81,7 @@ Messages (``edge.wire.message``)::
         # "bad_version", "bad_length", "bad_crc", "bad_signature" (only when key
         # is given), "bad_type", "bad_kind", "bad_bits", "bad_rounding",
         # "bad_shape", "bad_name", "bad_scale", "bad_model_hash", "bad_value"
-        # (NaN/inf in a float32 payload), "bad_field", "trailing_data").
+        # (NaN/inf in a float32 payload), "bad_padding", "bad_field", "trailing_data").
     read_header(data, *, limits: Limits = DEFAULT_LIMITS) -> Header
         # Header(version, msg_type, kind, experiment, device, round, samples,
         # base_hash, nonce, tensor_count, total_length): checks sizes, magic,

@@ -61,12 +61,12 @@ def pack_bits(values: ArrayLike, n: int) -> bytes:
     """
     _check_n(n)
     v = np.asarray(values)
+    if v.size == 0:
+        return b""  # also for an empty list, which numpy types as float64
     if v.dtype.kind not in "iub":
         raise WireError("bad_value", f"pack_bits expects integer values, got dtype {v.dtype}")
     v = v.reshape(-1)
     _check_range(v, n)
-    if v.size == 0:
-        return b""
     if n in (8, 16, 32):
         return v.astype(f"<i{n // 8}", copy=False).tobytes()
     return _pack_groups(v, n)

@@ -20,7 +20,8 @@ REASONS: dict[str, str] = {
     "bad_name": "a tensor, experiment or device name that is empty, too long, not UTF-8 or repeated",
     "bad_scale": "a scale exponent outside the allowed range",
     "bad_model_hash": "a model message whose hash does not match the weights it carries",
-    "bad_value": "values that do not fit the declared bits, or are not integers",
+    "bad_value": "values that do not fit the declared bits, are not integers, or (float32) are NaN or inf",
+    "bad_padding": "nonzero bits in the zero padding after a payload's last value",
     "bad_field": "a header field with an invalid value (nonce, hash, round, samples, key)",
     "trailing_data": "bytes after the last payload that no field declares",
 }

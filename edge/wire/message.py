@@ -378,6 +378,9 @@ def decode_message(data: bytes | bytearray | memoryview, *, limits: Limits = DEF
             if not np.isfinite(values).all():
                 raise WireError("bad_value", f"tensor {name!r}: float32 payload holds NaN or inf")
         else:
+            spare = 8 * payload_len - bits * count
+            if spare and chunk[-1] >> (8 - spare):  # the padding must be zero: one encoding per message
+                raise WireError("bad_padding", f"tensor {name!r}: the last {spare} padding bits are not zero")
             values = unpack_bits(chunk, bits, count)
         tensors.append(QuantizedTensor(name, shape, bits, scale_exp, rounding, values))
     message = Message(head.msg_type, head.experiment, head.device, head.round, head.base_hash, head.samples,

@@ -70,7 +70,7 @@ def quantize_tensor(name: str, x: ArrayLike, m: int, rng: np.random.Generator | 
         raise ValueError(f"unknown uplink scheme {scheme!r}; expected one of {SCHEMES}")
     if rounding not in ("stochastic", "nearest"):
         raise ValueError(f"unknown rounding {rounding!r}; expected 'stochastic' or 'nearest'")
-    if rounding == "stochastic" and not isinstance(rng, np.random.Generator):
+    if m < 32 and rounding == "stochastic" and not isinstance(rng, np.random.Generator):
         raise ValueError(f"stochastic rounding needs a seeded numpy.random.Generator, got {type(rng).__name__}")
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiu":
