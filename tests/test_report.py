@@ -308,3 +308,210 @@ def test_unique_names_and_large_run_renders(tmp_path: Path) -> None:
     files = write_report([run], tmp_path)
     assert len(files.figures) == 4
     assert len(read_csv(tmp_path / "energy.csv")) == 60 * 20 * 2
+
+
+# ---- reading a run directory: a real SQLite store, ground-truth logs, the command ----
+
+T0 = 1_700_000_000.0
+STEP = 0.05                       # ground-truth sample period (s)
+IDLE_W = 2.0
+TRUE_DEVICE = {"fixed_j": 2e-3, "joules_per_mac": 6e-10, "alpha": 1.0, "joules_per_bit": 3e-8,
+               "joules_per_message": 0.01}
+READER_ERROR = 0.01               # the meter reader measures 1% more than the emulator's truth
+ITERATIONS, BATCH, HEADER_BITS = 5, 32, 800
+
+
+def _tick(k: int) -> float:
+    return T0 + k * STEP
+
+
+def write_run_dir(root: Path, *, rounds: int = 6, devices: tuple[str, ...] = ("pi-0", "pi-1"), seed: int = 0,
+                  precisions: tuple[int, ...] = (32, 16, 8, 12, 8, 8), truth: bool = True,
+                  abandon: tuple[int, ...] = ()) -> dict:
+    """A run directory as the testbed leaves it, written through the real store; returns what went in."""
+    from basestation.energy.calibration import calibrate
+    from basestation.energy.records import EnergyRecord as FitRecord
+    from basestation.store import Store
+    from models import counts, get_architecture
+
+    rng = np.random.default_rng(seed)
+    size = counts(get_architecture("mlp"))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "summary.json").write_text('{"name": "mlp-int", "experiment": "exp1"}')
+    (root / "config.toml").write_text('experiment = "exp1"\nmodel = "mlp"\n[energy]\npolicy = "measured"\n')
+    stored_joules: list[float] = []
+    traces: dict[str, list[tuple[float, float]]] = {d: [] for d in devices}
+    fit_records = []
+    k = 0
+    with Store(root / "basestation.sqlite") as store:
+        store.create_experiment("exp1", {"model": "mlp"}, now=T0)
+        for r in range(1, rounds + 1):
+            n = m = precisions[(r - 1) % len(precisions)]
+            plan = {"experiment": "exp1", "round": r, "selected": list(devices), "n": n, "m": m,
+                    "iterations": ITERATIONS, "batch_size": BATCH, "model": "mlp", "lr": 0.1}
+            store.open_round("exp1", r, selected=list(devices), n=n, m=m, deadline=_tick(k) + 60,
+                             quorum=len(devices), model_hash=f"h{r}", plan=plan, now=_tick(k))
+            opened = _tick(k)
+            for d in devices:
+                bits = m * size.params + HEADER_BITS
+                per_iter = TRUE_DEVICE["fixed_j"] + BATCH * size.macs * TRUE_DEVICE["joules_per_mac"] * (n / 32)
+                true_above = {"train": ITERATIONS * per_iter * float(1 + rng.normal(0, 0.02)),
+                              "uplink": TRUE_DEVICE["joules_per_message"] + TRUE_DEVICE["joules_per_bit"] * bits}
+                phases = {}
+                for phase, ticks in (("train", 30), ("uplink", 4)):
+                    start, end = k, k + ticks
+                    watts = IDLE_W + true_above[phase] / (ticks * STEP)
+                    for j in range(start - 2, end + 3):     # idle around the phase, phase power on [start, end]
+                        traces[d].append((_tick(j), watts if start <= j <= end else IDLE_W))
+                    true_j = watts * ticks * STEP
+                    joules = true_j * (1 + READER_ERROR)
+                    phases[phase] = {"joules": joules, "joules_above_idle": joules - IDLE_W * ticks * STEP,
+                                     "seconds": ticks * STEP, "samples": ticks * 2, "gap_seconds": 0.0,
+                                     "partial": False, "uncertainty_j": 0.001,
+                                     "started_at": _tick(start), "ended_at": _tick(end)}
+                    stored_joules.append(joules)
+                    k = end + 5
+                store.add_update("exp1", device=d, round_=r, nonce=f"u-{d}-{r}", digest="0" * 64, samples=100,
+                                 size=bits // 8, m=m, payload=None, now=_tick(k))
+                store.add_energy_report("exp1", d, r, f"e-{d}-{r}", {"device": d, "round": r,
+                                                                     "meter": {"phases": phases}}, now=_tick(k))
+                fit_records.append(FitRecord(device=d, round=r, n=n, m=m, local_iters=ITERATIONS, batch_size=BATCH,
+                                             train_j=phases["train"]["joules_above_idle"],
+                                             uplink_j=phases["uplink"]["joules_above_idle"], uplink_bits=bits))
+            if r in abandon:
+                store.close_round("exp1", r, "abandoned", now=_tick(k))
+                continue
+            store.close_round("exp1", r, "aggregated", result_hash=f"h{r + 1}", now=_tick(k))
+            store.add_evaluation("exp1", r, loss=2.0 / r, accuracy=min(0.5 + 0.1 * r, 0.97), samples=360,
+                                 model_hash=f"h{r + 1}", now=_tick(k))
+            store.add_calibration("exp1", r, calibrate(fit_records, macs_per_sample=size.macs).to_dict(), now=_tick(k))
+            store.add_decision("exp1", r + 1, policy="measured", n=n, m=m, inputs={"records": len(fit_records)},
+                               detail={"predicted_energy_j": 1.5, "setting": {"n": n}}, now=_tick(k))
+            k += 10
+            assert _tick(k) - opened > 0
+    if truth:
+        folder = root / "ground-truth"
+        folder.mkdir()
+        for d, rows in traces.items():
+            lines = ["wall_time_s,power_w"] + [f"{t!r},{p!r}" for t, p in rows]
+            (folder / f"{d}.csv").write_text("\n".join(lines) + "\n")
+    return {"joules": stored_joules, "size": size}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("run") / "mlp-int"
+    return root, write_run_dir(root)
+
+
+def test_load_run_reads_rounds_and_every_stored_energy_phase(run_dir) -> None:
+    from basestation.report import load_run
+
+    root, given = run_dir
+    run = load_run(root)
+    assert run.name == "mlp-int" and run.config["energy"]["policy"] == "measured"
+    assert [r.round for r in run.rounds] == [1, 2, 3, 4, 5, 6]
+    assert [(r.bits_n, r.bits_m) for r in run.rounds] == [(32, 32), (16, 16), (8, 8), (12, 12), (8, 8), (8, 8)]
+    assert [r.accuracy for r in run.rounds] == pytest.approx([0.6, 0.7, 0.8, 0.9, 0.97, 0.97])
+    assert all(r.devices_selected == 2 and r.devices_answered == 2 and r.seconds > 0 for r in run.rounds)
+    assert len(run.energy) == 6 * 2 * 2
+    assert metrics.total_measured_j(run) == pytest.approx(math.fsum(given["joules"]), rel=1e-12)
+    assert [d["round"] for d in run.decisions] == [2, 3, 4, 5, 6, 7]
+    assert run.decisions[0]["predicted_energy_j"] == 1.5 and "setting" not in run.decisions[0]
+
+
+def test_modelled_energy_before_and_after_calibration(run_dir) -> None:
+    from basestation.energy.calibration import Calibration
+    from basestation.energy.testbed_model import PI4_DEFAULTS as P
+    from basestation.report import load_run
+    from basestation.store import Store
+
+    root, given = run_dir
+    run = load_run(root)
+    size = given["size"]
+    with Store(root / "basestation.sqlite") as store:
+        fits = {after: Calibration.from_dict(fit) for after, _, fit in store.calibrations("exp1")}
+        plans = {r: store.plan("exp1", r) for r in range(1, 7)}
+    for e in run.energy:
+        n = plans[e.round]["n"]
+        if e.phase == "train":
+            expected = ITERATIONS * (P.fixed_j + BATCH * size.macs * P.joules_per_mac * (n / 32) ** P.alpha)
+        else:
+            expected = P.joules_per_message + P.joules_per_bit * (n * size.params + HEADER_BITS)
+        assert e.model_joules == pytest.approx(expected, rel=1e-12)
+        if e.round == 1:
+            assert e.calibrated_joules is None            # no fit existed before the first round
+            continue
+        fit = fits[e.round - 1].for_device(e.device)      # the fit stored after the previous round
+        if e.phase == "train":
+            expected = (ITERATIONS * float(fit.compute.energy_per_iter(n, BATCH)) if fit.compute.ok
+                        else e.model_joules)
+        else:
+            expected = (float(fit.uplink.energy(n * size.params + HEADER_BITS)) if fit.uplink.ok
+                        else e.model_joules)
+        assert e.calibrated_joules == pytest.approx(expected, rel=1e-9)
+    assert any(fits[r].for_device("pi-0").compute.ok for r in fits)
+    overall = metrics.overall_error(run)
+    late = metrics.mape([e for e in run.energy if e.round >= 5], "calibrated")
+    assert late < 10.0 < overall.mape_model
+
+
+def test_ground_truth_is_integrated_over_the_measured_phases(run_dir) -> None:
+    from basestation.report import load_run
+
+    root, _ = run_dir
+    run = load_run(root)
+    assert sorted(run.ground_truth_j) == ["pi-0", "pi-1"]
+    for row in metrics.ground_truth_agreement(run):
+        assert row.difference_pct == pytest.approx(READER_ERROR * 100, abs=1e-6)
+
+
+def test_qfl_report_command_on_a_run_directory(run_dir, capsys: pytest.CaptureFixture) -> None:
+    from edge.cli import main
+
+    root, given = run_dir
+    assert main(["report", str(root), "--target-accuracy", "0.85"]) == 0
+    out = capsys.readouterr().out
+    assert "run mlp-int: 6 rounds" in out and "accuracy 0.85 at round 4" in out
+    assert f"report: {root / 'report.html'}" in out
+    row = read_csv(root / "comparison.csv")[0]
+    assert float(row["total_measured_j"]) == pytest.approx(math.fsum(given["joules"]), rel=1e-12)
+    assert row["target_round"] == "4"
+    energy = read_csv(root / "energy.csv")
+    assert math.fsum(float(r["joules"]) for r in energy) == pytest.approx(math.fsum(given["joules"]), rel=1e-12)
+    assert len(list((root / "figures").glob("*.png"))) == 4
+    truth = read_csv(root / "ground_truth.csv")
+    assert [float(r["difference_pct"]) for r in truth] == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
+def test_qfl_report_compares_runs_into_out(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from edge.cli import main
+
+    write_run_dir(tmp_path / "a", seed=1, truth=False)
+    write_run_dir(tmp_path / "b", seed=2, precisions=(8, 8, 8), truth=False)
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp"),
+                 "--baseline", "mlp-int-2", "--target-accuracy", "0.75"]) == 0
+    rows = {r["run"]: r for r in read_csv(tmp_path / "cmp" / "comparison.csv")}
+    assert sorted(rows) == ["mlp-int", "mlp-int-2"] and rows["mlp-int-2"]["baseline"] == "true"
+    a, b = (float(rows[k]["energy_to_target_j"]) for k in ("mlp-int", "mlp-int-2"))
+    assert float(rows["mlp-int"]["saving_pct"]) == pytest.approx((b - a) / b * 100)
+    assert a > b                                   # run a trains at 32 and 16 bits first
+    assert "mlp-int-2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}"], "is not a directory"),
+    (["{empty}"], "holds no basestation store"),
+    (["{run}", "{run}"], "needs --out DIR"),
+    (["{run}", "--target-accuracy", "1.5"], "--target-accuracy must be in [0, 1], got 1.5"),
+    (["{run}", "--baseline", "nope"], "baseline run 'nope' is not among the runs: mlp-int"),
+])
+def test_qfl_report_errors_are_one_clear_line(run_dir, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              args: list[str], message: str) -> None:
+    from edge.cli import main
+
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "run": run_dir[0]}
+    assert main(["report", *[a.format(**paths) for a in args]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qfl report: error: ") and message in err and len(err.strip().splitlines()) == 1

@@ -182,7 +182,7 @@ def precision_figure(run: RunData) -> Figure | None:
     ax.set_ylim(0, 33)
     ax.set_yticks([1, 4, 8, 12, 16, 20, 24, 28, 32])
     ax.set_title("Precision per round")
-    ax.legend(loc="best", fontsize="small")
+    _legend_right(ax)
     return fig
 
 

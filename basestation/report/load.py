@@ -1,0 +1,242 @@
+"""Read a run directory into :class:`RunData`.
+
+A run directory (written by ``qfl testbed``, or assembled by hand around a
+field basestation's store) holds:
+
+- the basestation's SQLite store (``*.sqlite``, ``*.sqlite3`` or ``*.db``, or
+  the file ``summary.json`` names under ``"store"``): rounds, their plans and
+  evaluations, energy reports, calibration fits and precision decisions;
+- ``summary.json`` (optional): ``"name"`` and ``"experiment"`` pick the run's
+  name and the experiment inside the store;
+- ``config.json`` or ``config.toml`` (optional): the run's configuration,
+  shown in the report (else the configuration stored with the experiment);
+- the emulated meters' ground-truth power logs (optional, see
+  :mod:`basestation.report.truth`).
+
+    >>> run = load_run("runs/2026-01-01-int8")
+    >>> len(run.rounds), run.ground_truth_j is not None
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from basestation.report.data import EnergyRecord, ReportError, RoundRecord, RunData
+from basestation.report.predict import PlanFacts, predict_phase
+from basestation.report.truth import PhaseWindow, find_ground_truth, ground_truth_energy
+
+STORE_PATTERNS = ("*.sqlite", "*.sqlite3", "*.db")
+
+
+def load_run(path: str | Path, *, experiment: str | None = None) -> RunData:
+    """Read the run directory ``path``; ``experiment`` picks one when the store holds several.
+
+    Raises :class:`ReportError` when ``path`` is not a run directory or a file
+    in it cannot be read. What is merely missing (no rounds, no modelled
+    energy, no ground truth) becomes a note the report shows.
+    """
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is not a directory; give the run directory 'qfl testbed' wrote")
+    summary = _read_json(run_dir / "summary.json")
+    config = _read_config(run_dir)
+    store_path = find_store(run_dir, summary)
+    if store_path is None:
+        if not summary and not config:
+            raise ReportError(f"{run_dir} holds no basestation store ({', '.join(STORE_PATTERNS)}) and no "
+                              "summary.json: not a run directory")
+        name = str(summary.get("name") or config.get("name") or run_dir.name)
+        return RunData(name, run_dir, config, [], [], [], None,
+                       notes=["The run directory holds no basestation store, so nothing was recorded."])
+    wanted = experiment or summary.get("experiment") or config.get("experiment")
+    contents = read_store(store_path, wanted if isinstance(wanted, str) else None)
+    truth, truth_notes = _ground_truth(run_dir, summary, contents)
+    name = str(summary.get("name") or config.get("name") or contents.experiment)
+    return RunData(name=name, path=run_dir, config=config or contents.config, rounds=contents.rounds,
+                   energy=contents.energy, decisions=contents.decisions, ground_truth_j=truth,
+                   notes=contents.notes + truth_notes)
+
+
+def find_store(run_dir: Path, summary: dict) -> Path | None:
+    """The store file of a run directory: the one ``summary.json`` names, else the only ``*.sqlite``/``*.db``."""
+    named = summary.get("store")
+    if isinstance(named, str) and named:
+        path = (run_dir / named) if not Path(named).is_absolute() else Path(named)
+        if not path.is_file():
+            raise ReportError(f"summary.json names the store {named!r}, but {path} does not exist")
+        return path
+    found = sorted({p for pattern in STORE_PATTERNS for p in run_dir.glob(pattern) if p.is_file()})
+    if len(found) > 1:
+        raise ReportError(f"{run_dir} holds several stores ({', '.join(p.name for p in found)}); name one in "
+                          "summary.json as {\"store\": \"FILE\"}")
+    return found[0] if found else None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ReportError(f"{path} must hold a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _read_config(run_dir: Path) -> dict:
+    if (run_dir / "config.json").exists():
+        return _read_json(run_dir / "config.json")
+    path = run_dir / "config.toml"
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ReportError(f"{path} is not readable TOML: {exc}") from None
+
+
+class StoreContents:
+    """What :func:`read_store` found for one experiment, already in the report's terms."""
+
+    def __init__(self, experiment: str, config: dict, rounds: list[RoundRecord], energy: list[EnergyRecord],
+                 decisions: list[dict], windows: list[PhaseWindow], notes: list[str]):
+        self.experiment = experiment
+        self.config = config
+        self.rounds = rounds
+        self.energy = energy
+        self.decisions = decisions
+        self.windows = windows
+        self.notes = notes
+
+
+def read_store(path: Path, experiment: str | None = None) -> StoreContents:
+    """Read one experiment of the basestation store at ``path`` (the only one, unless ``experiment`` is given)."""
+    from basestation.store import Store, StoreError
+
+    try:
+        store = Store(path, synchronous="normal")
+    except (StoreError, OSError) as exc:
+        raise ReportError(f"cannot read the store {path}: {exc}") from None
+    with store:
+        ids = [e.id for e in store.experiments()]
+        if experiment is None:
+            if len(ids) != 1:
+                raise ReportError(f"{path} holds {len(ids)} experiments ({', '.join(ids) or 'none'}); name one in "
+                                  "summary.json as {\"experiment\": \"ID\"}")
+            experiment = ids[0]
+        record = store.experiment(experiment)
+        if record is None:
+            raise ReportError(f"{path} has no experiment {experiment!r}; it has: {', '.join(ids) or 'none'}")
+        return _contents(store, record)
+
+
+def _contents(store: Any, record: Any) -> StoreContents:
+    from basestation.energy.calibration import Calibration
+
+    experiment = record.id
+    notes: list[str] = []
+    stored_rounds = store.rounds(experiment)
+    rounds = [_round(r) for r in stored_rounds if r.status == "aggregated"]
+    skipped = [r for r in stored_rounds if r.status != "aggregated"]
+    if skipped:
+        notes.append(f"{len(skipped)} stored round(s) produced no model and are left out of the accuracy and "
+                     f"precision figures: " + ", ".join(f"{r.round} ({r.status})" for r in skipped) + ".")
+
+    plans: dict[int, PlanFacts] = {}
+    for r in stored_rounds:
+        facts = _plan_facts(store.plan(experiment, r.round))
+        if facts is not None:
+            plans[r.round] = facts
+    fits = []
+    for fitted_after, _, fit in store.calibrations(experiment):
+        try:
+            fits.append((fitted_after, Calibration.from_dict(fit)))
+        except ValueError as exc:
+            notes.append(f"The calibration stored after round {fitted_after} cannot be read ({exc}); it is skipped.")
+    sent = {(u.device, u.round): 8 * u.bytes for u in store.updates(experiment)}
+
+    energy = []
+    unusable = 0
+    for e in store.energy(experiment):
+        if e.joules is None or not math.isfinite(e.joules):
+            unusable += 1
+            continue
+        try:
+            model_j, calibrated_j = predict_phase(e.device, e.round, e.phase, plans, fits, sent.get((e.device, e.round)))
+        except ValueError as exc:      # an architecture or fit the energy model cannot evaluate
+            notes.append(f"No modelled energy for {e.device} round {e.round} {e.phase}: {exc}")
+            model_j = calibrated_j = None
+        energy.append(EnergyRecord(
+            device=e.device, round=e.round, phase=e.phase, joules=float(e.joules),
+            joules_above_idle=float(e.joules_above_idle) if e.joules_above_idle is not None else math.nan,
+            seconds=float(e.seconds) if e.seconds is not None else math.nan, samples=int(e.samples or 0),
+            partial=bool(e.partial), model_joules=model_j, calibrated_joules=calibrated_j))
+    if unusable:
+        notes.append(f"{unusable} stored energy phase(s) carry no energy figure and are left out.")
+    if stored_rounds and not plans:
+        notes.append("No round plan in the store names the model, iterations and minibatch size, so no energy "
+                     "could be modelled.")
+
+    decisions = [_decision(d) for d in store.decisions(experiment)]
+    kept = {(e.device, e.round, e.phase) for e in energy}
+    windows = [w for device, round_ in sorted({(e.device, e.round) for e in energy})
+               for w in _windows(device, round_, store.energy_report(experiment, device, round_) or {})
+               if (w.device, w.round, w.phase) in kept]
+    return StoreContents(experiment, dict(record.config), rounds, energy, decisions, windows, notes)
+
+
+def _round(r: Any) -> RoundRecord:
+    seconds = (r.closed_at - r.opened_at) if r.closed_at is not None else math.nan
+    return RoundRecord(round=r.round, accuracy=math.nan if r.accuracy is None else float(r.accuracy),
+                       loss=math.nan if r.loss is None else float(r.loss), bits_n=int(r.n), bits_m=int(r.m),
+                       devices_selected=len(r.selected), devices_answered=int(r.accepted), seconds=float(seconds))
+
+
+def _plan_facts(plan: dict | None) -> PlanFacts | None:
+    if not plan:
+        return None
+    try:
+        return PlanFacts(n=int(plan["n"]), m=int(plan["m"]), iterations=int(plan["iterations"]),
+                         batch_size=int(plan["batch_size"]), model=str(plan["model"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _decision(d: Any) -> dict:
+    """A decision as one flat row: round, policy, n, m and the scalar parts of its detail."""
+    row: dict[str, Any] = {"round": d.round, "policy": d.policy, "n": d.n, "m": d.m}
+    for key, value in (d.detail or {}).items():
+        if isinstance(value, (str, int, float, bool)) and key not in row:
+            row[key] = value
+    return row
+
+
+def _windows(device: str, round_: int, report: dict) -> list[PhaseWindow]:
+    """The wall-clock intervals of a raw energy report's phases (those that carry start and end times)."""
+    meter = report.get("meter")
+    phases = meter.get("phases") if isinstance(meter, dict) else None
+    if not isinstance(phases, dict):
+        return []
+    out = []
+    for phase, figures in phases.items():
+        if not isinstance(figures, dict):
+            continue
+        start, end = figures.get("started_at"), figures.get("ended_at")
+        if isinstance(start, (int, float)) and isinstance(end, (int, float)) and end >= start:
+            out.append(PhaseWindow(device, round_, str(phase), float(start), float(end)))
+    return out
+
+
+def _ground_truth(run_dir: Path, summary: dict, contents: StoreContents) -> tuple[dict[str, float] | None, list[str]]:
+    logs = find_ground_truth(run_dir, summary)
+    if not logs:
+        return None, []
+    phases: dict[str, int] = {}
+    for e in contents.energy:
+        phases[e.device] = phases.get(e.device, 0) + 1
+    return ground_truth_energy(logs, contents.windows, phases)
