@@ -5,7 +5,7 @@ least significant bit first; stream bit p is bit p % 8 of byte p // 8; the
 last byte is zero-padded. Unpacking sign-extends.
 
 How it is fast without a loop over bits: n in {8, 16, 32} is a dtype view of
-little-endian integers. For any other n, 8 values make exactly n bytes, so
+little-endian integers, and n = 1 is numpy's own packbits. For any other n, 8 values make exactly n bytes, so
 the stream is cut into groups of 8 values. Inside a group, neighbours are
 joined (lo | hi << width) into words of 2n, 4n, then 8n bits while a word
 fits 64 bits; those words are placed at their bit offsets in a row of
@@ -69,6 +69,8 @@ def pack_bits(values: ArrayLike, n: int) -> bytes:
     _check_range(v, n)
     if n in (8, 16, 32):
         return v.astype(f"<i{n // 8}", copy=False).tobytes()
+    if n == 1:  # codes -1 and 0: the bit is set exactly for -1
+        return np.packbits(v != 0, bitorder="little").tobytes()
     return _pack_groups(v, n)
 
 
@@ -91,6 +93,9 @@ def unpack_bits(data: bytes | bytearray | memoryview, n: int, count: int) -> np.
         return np.zeros(0, dtype)
     if n in (8, 16, 32):
         return np.frombuffer(buf, dtype=f"<i{n // 8}", count=count).astype(dtype)
+    if n == 1:
+        bits = np.unpackbits(np.frombuffer(buf, np.uint8, count=need), count=count, bitorder="little")
+        return np.negative(bits.view(np.int8))
     return _unpack_groups(buf, n, count, dtype)
 
 
