@@ -424,6 +424,7 @@ def test_modelled_energy_before_and_after_calibration(run_dir) -> None:
     from basestation.energy.calibration import Calibration
     from basestation.energy.testbed_model import PI4_DEFAULTS as P
     from basestation.report import load_run
+    from basestation.report.predict import MIN_DEVICE_RECORDS
     from basestation.store import Store
 
     root, given = run_dir
@@ -442,7 +443,7 @@ def test_modelled_energy_before_and_after_calibration(run_dir) -> None:
         if e.round == 1:
             assert e.calibrated_joules is None            # no fit existed before the first round
             continue
-        fit = fits[e.round - 1].for_device(e.device)      # the fit stored after the previous round
+        fit = fits[e.round - 1].for_device(e.device, min_records=MIN_DEVICE_RECORDS)   # fitted after round r - 1
         if e.phase == "train":
             expected = (ITERATIONS * float(fit.compute.energy_per_iter(n, BATCH)) if fit.compute.ok
                         else e.model_joules)

@@ -11,8 +11,9 @@ The report compares every stored energy phase with the testbed energy model
 
 *Before calibration* uses the model's prior parameters (Raspberry Pi 4
 defaults); *after calibration* uses the calibration the basestation had fitted
-before that round (a fit stored after round r - 1 or earlier), so the
-calibrated figure is a prediction, not a fit to the same measurement. Phases
+before that round (a fit stored after round r - 1 or earlier), per device
+once the device has ``MIN_DEVICE_RECORDS`` records and the fleet's fit before,
+so the calibrated figure is a prediction, not a fit to the same measurement. Phases
 other than ``train`` and ``uplink`` have no modelled energy.
 
     >>> plans = {3: PlanFacts(n=8, m=8, iterations=5, batch_size=32, model="mlp")}
@@ -21,14 +22,20 @@ other than ``train`` and ``uplink`` have no modelled energy.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 
 from basestation.energy.calibration import Calibration
+from basestation.energy.policies import MeasuredPolicy
 from basestation.energy.testbed_model import PI4_DEFAULTS, DeviceEnergyParams, TestbedEnergy
 from models import Counts, counts, get_architecture
 
 MODELLED_PHASES = ("train", "uplink")
+
+#: A device's own fit is used once it has this many records (the fleet's before), as the
+#: measured policy does, so the report predicts with the parameters the policy used.
+MIN_DEVICE_RECORDS: int = inspect.signature(MeasuredPolicy).parameters["min_device_records"].default
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,8 @@ def phase_energy(params: DeviceEnergyParams, phase: str, plan: PlanFacts, uplink
 
 def predict_phase(device: str, round_: int, phase: str, plans: dict[int, PlanFacts],
                   fits: list[tuple[int, Calibration]], uplink_bits: int | None,
-                  prior: DeviceEnergyParams = PI4_DEFAULTS) -> tuple[float | None, float | None]:
+                  prior: DeviceEnergyParams = PI4_DEFAULTS,
+                  min_records: int = MIN_DEVICE_RECORDS) -> tuple[float | None, float | None]:
     """``(model_joules, calibrated_joules)`` of one measured phase; None where there is nothing to predict.
 
     None for both when the round has no plan or the phase is not modelled;
@@ -82,5 +90,5 @@ def predict_phase(device: str, round_: int, phase: str, plans: dict[int, PlanFac
     fit = fit_before(round_, fits)
     if fit is None:
         return before, None
-    calibrated = prior.with_calibration(fit.for_device(device), table=False)
+    calibrated = prior.with_calibration(fit.for_device(device, min_records=min_records), table=False)
     return before, phase_energy(calibrated, phase, plan, uplink_bits)
