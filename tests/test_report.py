@@ -300,14 +300,18 @@ def test_a_figure_that_fails_is_replaced_by_a_sentence(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unique_names_and_large_run_renders(tmp_path: Path) -> None:
+def test_unique_names_natural_order_and_large_run_renders(tmp_path: Path) -> None:
     from basestation.report import unique_names
+    from basestation.report.data import natural_key
 
     assert unique_names(["a", "a", "a-2", "b"]) == ["a", "a-2", "a-2-2", "b"]
+    assert sorted(["pi-10", "pi-2", "pi-1", "gw", "pi-2b"], key=natural_key) == ["gw", "pi-1", "pi-2", "pi-2b", "pi-10"]
     run = synthetic_run("big", 7, rounds=60, devices=20)
     files = write_report([run], tmp_path)
     assert len(files.figures) == 4
     assert len(read_csv(tmp_path / "energy.csv")) == 60 * 20 * 2
+    devices = [r["key"] for r in read_csv(tmp_path / "errors.csv") if r["group"] == "device"]
+    assert devices == [f"pi-{d}" for d in range(20)]
 
 
 # ---- reading a run directory: a real SQLite store, ground-truth logs, the command ----

@@ -13,6 +13,7 @@ tests and the testbed can also build them directly::
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,11 @@ class RunData:
     def sorted_rounds(self) -> list[RoundRecord]:
         """The rounds in round order."""
         return sorted(self.rounds, key=lambda r: r.round)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders numbers inside names by value: ``pi-2`` before ``pi-10``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
 
 
 def finite(value: float | None) -> bool:

@@ -12,12 +12,13 @@ drawing is safe inside a long-running process and needs no display::
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from basestation.report import metrics
-from basestation.report.data import RunData, finite
+from basestation.report.data import RunData, finite, natural_key
 
 MEASURED = "#1f4e79"
 MODEL = "#d9822b"
@@ -119,7 +120,7 @@ def energy_devices_figure(run: RunData) -> Figure | None:
     if not run.energy:
         return None
     phases = sorted({r.phase for r in run.energy})
-    devices = sorted({r.device for r in run.energy} | set(run.ground_truth_j or {}))
+    devices = sorted({r.device for r in run.energy} | set(run.ground_truth_j or {}), key=natural_key)
     truth = metrics.ground_truth_agreement(run)
     rows = len(phases) + (1 if truth else 0)
     fig, axes = _new(2.8 * rows + 0.4, rows, 1)
@@ -156,8 +157,12 @@ def energy_devices_figure(run: RunData) -> Figure | None:
 
 
 def _device_ticks(ax, x: np.ndarray, devices: list[str]) -> None:
-    crowded = len(devices) > 8
-    ax.set_xticks(x, devices, rotation=45 if crowded else 0, ha="right" if crowded else "center")
+    """Device names under the bars; with many devices, vertical and only every k-th one."""
+    if len(devices) <= 8:
+        ax.set_xticks(x, devices)
+        return
+    every = max(1, math.ceil(len(devices) / 25))
+    ax.set_xticks(x[::every], devices[::every], rotation=90, fontsize="small")
 
 
 def _legend_right(ax) -> None:

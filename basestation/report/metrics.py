@@ -24,7 +24,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from basestation.report.data import EnergyRecord, ReportError, RunData, finite
+from basestation.report.data import EnergyRecord, ReportError, RunData, finite, natural_key
 
 #: Which measured number the model is compared with. The energy model predicts
 #: the work of training and sending (basestation.energy.records: joules above
@@ -147,7 +147,8 @@ def group_errors(records: list[EnergyRecord], key: str) -> list[GroupError]:
     if key not in ("phase", "device", "round"):
         raise ValueError(f"group key must be 'phase', 'device' or 'round', got {key!r}")
     groups: dict[str, list[EnergyRecord]] = defaultdict(list)
-    for r in sorted(records, key=lambda r: (getattr(r, key), r.device, r.round, r.phase)):
+    order = natural_key if key != "round" else int
+    for r in sorted(records, key=lambda r: (order(getattr(r, key)), natural_key(r.device), r.round, r.phase)):
         groups[str(getattr(r, key))].append(r)
     return _group_errors(groups)
 
@@ -179,7 +180,7 @@ def ground_truth_agreement(run: RunData) -> list[DeviceTruth]:
     for r in run.energy:
         totals[r.device].append(r.joules)
     rows = []
-    for device in sorted(set(totals) | set(run.ground_truth_j)):
+    for device in sorted(set(totals) | set(run.ground_truth_j), key=natural_key):
         got = math.fsum(totals.get(device, []))
         truth = run.ground_truth_j.get(device)
         diff = (got - truth) / truth * 100.0 if finite(truth) and truth > 0 else None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from basestation.report import metrics
-from basestation.report.data import RunData, finite
+from basestation.report.data import RunData, finite, natural_key
 
 # Column kinds decide HTML formatting: text, int, float, acc (accuracy in [0, 1]),
 # j (joules), pct (percent), bool.
@@ -107,7 +107,7 @@ def energy_table(runs: list[RunData]) -> Table:
                Column("error_calibrated_pct", "error after", "pct")]
     rows = []
     for run in runs:
-        for r in sorted(run.energy, key=lambda r: (r.round, r.device, r.phase)):
+        for r in sorted(run.energy, key=lambda r: (r.round, natural_key(r.device), r.phase)):
             rows.append([run.name, r.device, r.round, r.phase, r.joules, r.joules_above_idle, r.seconds,
                          r.samples, r.partial, r.model_joules, r.calibrated_joules,
                          metrics.ape(r, r.model_joules), metrics.ape(r, r.calibrated_joules)])
