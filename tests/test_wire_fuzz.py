@@ -35,7 +35,7 @@ from edge.wire import (
 KEY = b"fuzzing key, 32 bytes long......"
 LIMITS = Limits(max_message_bytes=8192, max_tensors=16, max_tensor_elements=2048, max_total_elements=4096,
                 max_name_length=32, max_ndim=4)
-MUTANTS = 12_000
+MUTANTS = 10_000
 # Generous bound on the decoder's peak allocation under LIMITS: the unpacked
 # codes and their temporaries are a few times 8 bytes per element (at most
 # 4096 elements), plus copies of a message of at most 8 KiB. An unchecked

@@ -16,7 +16,7 @@ REASONS: dict[str, str] = {
     "bad_kind": "an unknown update kind (difference/full)",
     "bad_bits": "bits per value outside 1..32 (or a float payload not at 32 bits)",
     "bad_rounding": "an unknown rounding code",
-    "bad_shape": "a shape with a zero or negative dimension, too many dimensions, or values of another shape",
+    "bad_shape": "a negative dimension, more dimensions than the limit, or values that do not fill the shape",
     "bad_name": "a tensor, experiment or device name that is empty, too long, not UTF-8 or repeated",
     "bad_scale": "a scale exponent outside the allowed range",
     "bad_model_hash": "a model message whose hash does not match the weights it carries",

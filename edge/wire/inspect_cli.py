@@ -54,8 +54,10 @@ def _read_key(key_hex: str | None, key_file: Path | None) -> bytes | None:
     if key_file is not None:
         try:
             key_hex = key_file.read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CommandError(f"cannot read the key file {key_file}: {exc}") from None
+        except OSError as exc:
+            raise CommandError(f"cannot read the key file {key_file}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise CommandError(f"key file {key_file} must hold the key as hex digits on one line") from None
         source = f"key file {key_file}"
     else:
         source = "--key"

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
-from numpy.typing import ArrayLike
 
 from edge.wire.bits import code_dtype, packed_size
 from edge.wire.errors import WireError
