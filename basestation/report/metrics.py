@@ -26,16 +26,13 @@ from dataclasses import dataclass
 
 from basestation.report.data import EnergyRecord, ReportError, RunData, finite, natural_key
 
-#: Which measured number the model is compared with. The energy model predicts
-#: the work of training and sending (basestation.energy.records: joules above
-#: the idle baseline) and is calibrated against that, so the report compares
-#: with the same number.
-MEASURED_BASIS = "joules_above_idle"
-
-
 def measured(record: EnergyRecord) -> float:
-    """The measured energy of a record that the model is compared with."""
-    return float(getattr(record, MEASURED_BASIS))
+    """The measured energy a prediction is compared with: joules above idle.
+
+    The energy model predicts the work of training and sending
+    (basestation.energy.records) and is calibrated against exactly this.
+    """
+    return float(record.joules_above_idle)
 
 
 def total_measured_j(run: RunData) -> float:
@@ -127,7 +124,7 @@ def _group_errors(groups: dict[str, list[EnergyRecord]]) -> list[GroupError]:
             records=len(items),
             with_model=sum(1 for r in items if finite(r.model_joules)),
             with_calibrated=sum(1 for r in items if finite(r.calibrated_joules)),
-            measured_j=math.fsum(measured(r) for r in items),
+            measured_j=math.fsum(m for m in map(measured, items) if math.isfinite(m)),
             model_j=_sum_known([r.model_joules for r in items]),
             calibrated_j=_sum_known([r.calibrated_joules for r in items]),
             mape_model=mape(items, "model"),
