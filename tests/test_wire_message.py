@@ -405,6 +405,12 @@ def test_encoder_rejects_bad_fields(field, value, match):
         sample_update(**{field: value})
 
 
+def test_tensors_must_be_quantized_tensors():
+    with pytest.raises(WireError, match="tensors must be QuantizedTensor objects") as err:
+        encode_update([np.zeros(3)], experiment="e", device="d", round=0, base_hash=BASE, samples=0, key=KEY)
+    assert err.value.reason == "bad_field"
+
+
 def test_model_hash_identifies_weights():
     w = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), np.float32)}
     h = model_hash(w)

@@ -137,7 +137,10 @@ class Message:
     nonce: bytes
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tensors", tuple(self.tensors))
+        tensors = tuple(self.tensors)
+        if not all(isinstance(t, QuantizedTensor) for t in tensors):
+            raise WireError("bad_field", "tensors must be QuantizedTensor objects (see edge.wire.quantize_update)")
+        object.__setattr__(self, "tensors", tensors)
 
     def weights(self) -> dict[str, np.ndarray]:
         """Name -> float32 array of every tensor (the dequantized delta or model)."""
@@ -203,7 +206,7 @@ def encode_model(tensors: Iterable[QuantizedTensor], *, experiment: str, round: 
     tensors = tuple(tensors)
     msg = Message("model", experiment, sender, round, model_hash(dequantize(tensors)), samples, "full", tensors,
                   os.urandom(NONCE_SIZE) if nonce is None else nonce)
-    return encode_message(msg, key)
+    return _serialize(msg, key)  # the hash was just computed from the tensors: no need to check it
 
 
 def encode_message(message: Message, key: bytes) -> bytes:
@@ -211,8 +214,13 @@ def encode_message(message: Message, key: bytes) -> bytes:
 
     A model message's ``base_hash`` must equal model_hash of its dequantized tensors.
     """
+    if message.msg_type == "model" and model_hash(dequantize(message.tensors)) != message.base_hash:
+        raise WireError("bad_model_hash", "a model message's base_hash must be model_hash of its dequantized tensors")
+    return _serialize(message, key)
+
+
+def _serialize(m: Message, key: bytes) -> bytes:
     _check_key(key)
-    m = message
     if m.msg_type not in MSG_TYPES:
         raise WireError("bad_type", f"msg_type must be one of {tuple(MSG_TYPES)}, got {m.msg_type!r}")
     if m.kind not in KINDS:
@@ -223,15 +231,11 @@ def encode_message(message: Message, key: bytes) -> bytes:
     _check_uint("samples", m.samples)
     _check_bytes("base_hash", m.base_hash, HASH_SIZE)
     _check_bytes("nonce", m.nonce, NONCE_SIZE)
-    if not all(isinstance(t, QuantizedTensor) for t in m.tensors):
-        raise WireError("bad_field", "tensors must be QuantizedTensor objects (see edge.wire.quantize_update)")
     if len(m.tensors) > 65535:
         raise WireError("too_large", f"at most 65535 tensors per message, got {len(m.tensors)}")
     names = [_encode_name("tensor", t.name) for t in m.tensors]
     if len(set(names)) != len(names):
         raise WireError("bad_name", "tensor names must be unique within a message")
-    if m.msg_type == "model" and model_hash(dequantize(m.tensors)) != m.base_hash:
-        raise WireError("bad_model_hash", "a model message's base_hash must be model_hash of its dequantized tensors")
     parts = [b"", experiment, device]
     payloads = []
     for t, name in zip(m.tensors, names):
@@ -256,7 +260,8 @@ def encode_message(message: Message, key: bytes) -> bytes:
 def signature_ok(data: bytes | bytearray | memoryview, key: bytes) -> bool:
     """True if the last 32 bytes are the HMAC-SHA256 of everything before them under ``key``.
 
-    Constant-time comparison; False (never an exception) for data shorter than a MAC.
+    Constant-time comparison; False for data shorter than a MAC. Raises
+    WireError ("bad_field") only for a key that is not bytes of at least 16.
     """
     _check_key(key)
     view = memoryview(data).cast("B")
