@@ -67,9 +67,9 @@ class PerNEnergy:
 class ComputeFit:
     """Fit of the joules per local iteration against n (see the module docstring).
 
-    ``alpha_fixed`` is true when alpha was held at the given prior because the
-    data span too few precisions. ``stderr`` and ``correlation`` (order:
-    fixed_j, joules_per_mac, alpha) describe the parameter uncertainty.
+    ``alpha_prior`` is the prior (mean, standard deviation) alpha was shrunk
+    towards, if any. ``stderr`` and ``correlation`` (order: fixed_j,
+    joules_per_mac, alpha) describe the parameter uncertainty.
     """
 
     status: str
@@ -78,7 +78,7 @@ class ComputeFit:
     fixed_j: float | None = None
     joules_per_mac: float | None = None
     alpha: float | None = None
-    alpha_fixed: bool = False
+    alpha_prior: tuple[float, float] | None = None
     stderr: dict[str, float | None] | None = None
     correlation: list[list[float]] | None = None
     quality: FitQuality | None = None
@@ -145,10 +145,13 @@ class Calibration:
     fleet: DeviceCalibration
     devices: dict[str, DeviceCalibration] = field(default_factory=dict)
 
-    def for_device(self, device: str) -> DeviceCalibration:
-        """The device's own fits where usable, the fleet's otherwise (per part)."""
+    def for_device(self, device: str, *, min_records: int = 0) -> DeviceCalibration:
+        """The device's own fits where usable, the fleet's otherwise (per part).
+
+        Own fits are used once the device has at least ``min_records`` records.
+        """
         own = self.devices.get(device)
-        if own is None:
+        if own is None or own.records < min_records:
             return self.fleet
         compute = own.compute if own.compute.ok else self.fleet.compute
         uplink = own.uplink if own.uplink.ok else self.fleet.uplink
@@ -170,12 +173,14 @@ class Calibration:
 
 
 def calibrate(records: Sequence[EnergyRecord], *, macs_per_sample: int, alpha_prior: float | None = None,
-              min_table_records: int = 3) -> Calibration:
+              alpha_prior_sd: float = 0.5, min_table_records: int = 3) -> Calibration:
     """Fit every device's records and all records pooled.
 
     ``macs_per_sample`` is N_c of the model (``models.counts(arch).macs``).
-    ``alpha_prior``, when given, is used for alpha while the records span only
-    two training precisions.
+    ``alpha_prior``, when given, shrinks alpha towards it (a Gaussian prior of
+    standard deviation ``alpha_prior_sd``: a maximum a posteriori fit), which
+    keeps alpha sensible while the records span few precisions and lets a fit
+    start from two precisions instead of three.
     """
     if not (isinstance(macs_per_sample, int) and macs_per_sample >= 1):
         raise ValueError(f"macs_per_sample must be a positive integer (N_c of the model), got {macs_per_sample!r}")
@@ -184,62 +189,54 @@ def calibrate(records: Sequence[EnergyRecord], *, macs_per_sample: int, alpha_pr
         if not isinstance(record, EnergyRecord):
             raise TypeError(f"calibrate() needs EnergyRecord items, got {type(record).__name__}")
         by_device[record.device].append(record)
-    devices = {name: fit_device(name, recs, macs_per_sample=macs_per_sample, alpha_prior=alpha_prior,
-                                min_table_records=min_table_records)
-               for name, recs in sorted(by_device.items())}
-    fleet = fit_device("*", list(records), macs_per_sample=macs_per_sample, alpha_prior=alpha_prior,
-                       min_table_records=min_table_records)
+    options = {"macs_per_sample": macs_per_sample, "alpha_prior": alpha_prior, "alpha_prior_sd": alpha_prior_sd,
+               "min_table_records": min_table_records}
+    devices = {name: fit_device(name, recs, **options) for name, recs in sorted(by_device.items())}
+    fleet = fit_device("*", list(records), **options)
     return Calibration(macs_per_sample=macs_per_sample, records=len(records), fleet=fleet, devices=devices)
 
 
 def fit_device(device: str, records: Sequence[EnergyRecord], *, macs_per_sample: int,
-               alpha_prior: float | None = None, min_table_records: int = 3) -> DeviceCalibration:
+               alpha_prior: float | None = None, alpha_prior_sd: float = 0.5,
+               min_table_records: int = 3) -> DeviceCalibration:
     """Computation and uplink fits of one set of records."""
-    return DeviceCalibration(device=device, records=len(records),
-                             compute=fit_compute(records, macs_per_sample=macs_per_sample, alpha_prior=alpha_prior,
-                                                 min_table_records=min_table_records),
-                             uplink=fit_uplink(records))
+    compute = fit_compute(records, macs_per_sample=macs_per_sample, alpha_prior=alpha_prior,
+                          alpha_prior_sd=alpha_prior_sd, min_table_records=min_table_records)
+    return DeviceCalibration(device=device, records=len(records), compute=compute, uplink=fit_uplink(records))
 
 
 def fit_compute(records: Sequence[EnergyRecord], *, macs_per_sample: int, alpha_prior: float | None = None,
-                min_table_records: int = 3) -> ComputeFit:
+                alpha_prior_sd: float = 0.5, min_table_records: int = 3) -> ComputeFit:
     """Fit fixed_j, joules_per_mac and alpha to the records' joules per local iteration."""
     y = np.array([r.train_j_per_iter for r in records], dtype=float)
     n = np.array([r.n for r in records], dtype=float)
     work = np.array([r.batch_size for r in records], dtype=float) * macs_per_sample
     table = _per_n_table(n, y, min_table_records)
     distinct = sorted({int(v) for v in n})
-    free_alpha = len(distinct) >= 3 and len(y) >= 5
-    fixed_alpha = not free_alpha and alpha_prior is not None and len(distinct) >= 2 and len(y) >= 3
-    if not (free_alpha or fixed_alpha):
-        need = "records at 3 or more training precisions (5 or more records)"
-        if alpha_prior is not None:
-            need += ", or at 2 precisions with alpha held at its prior"
-        return ComputeFit(status=INSUFFICIENT, reason=f"need {need}; have {len(y)} record(s) at n = "
-                          f"{', '.join(map(str, distinct)) or 'none'}", macs_per_sample=macs_per_sample, table=table)
-    scale = _relative_scale(y)
-    if free_alpha:
-        alpha, coef, sigma, weights = _profile_alpha(n, work, y, scale)
-    else:
+    prior = None
+    if alpha_prior is not None:
         if not (math.isfinite(alpha_prior) and ALPHA_RANGE[0] <= alpha_prior <= ALPHA_RANGE[1]):
-            raise ValueError(f"alpha_prior must be within {ALPHA_RANGE}, got {alpha_prior!r}")
-        alpha = float(alpha_prior)
-        design = _compute_design(n, work, np.array([alpha]))
-        coef_g, _, sigma, weights_g = _huber_nnls(design, y, scale)
-        coef, weights = coef_g[0], weights_g[0]
+            raise ValueError(f"alpha_prior must lie within {ALPHA_RANGE}, got {alpha_prior!r}")
+        if not (math.isfinite(alpha_prior_sd) and alpha_prior_sd > 0):
+            raise ValueError(f"alpha_prior_sd must be a positive number, got {alpha_prior_sd!r}")
+        prior = (float(alpha_prior), float(alpha_prior_sd))
+    need_n, need_points = (2, 3) if prior else (3, 5)
+    if len(distinct) < need_n or len(y) < need_points:
+        return ComputeFit(status=INSUFFICIENT, reason=f"need {need_points} or more records at {need_n} or more "
+                          f"training precisions{' (with the alpha prior)' if prior else ''}; have {len(y)} record(s) "
+                          f"at n = {', '.join(map(str, distinct)) or 'none'}",
+                          macs_per_sample=macs_per_sample, alpha_prior=prior, table=table)
+    scale = _relative_scale(y)
+    alpha, coef, sigma, weights = _profile_alpha(n, work, y, scale, prior)
     fixed_j, per_mac = float(coef[0]), float(coef[1])
-    fitted = fixed_j + work * per_mac * (n / 32.0) ** alpha
-    jac = [np.ones_like(y), work * (n / 32.0) ** alpha]
-    names = ["fixed_j", "joules_per_mac"]
-    if free_alpha:
-        jac.append(work * per_mac * (n / 32.0) ** alpha * np.log(n / 32.0))
-        names.append("alpha")
-    stderr, corr = _uncertainty(np.stack(jac, axis=1) / scale[:, None], weights, sigma, names)
-    if not free_alpha:
-        stderr["alpha"] = None
-    return ComputeFit(status=OK, reason="fitted" if free_alpha else f"fitted with alpha held at {alpha:g}",
+    powered = work * (n / 32.0) ** alpha
+    fitted = fixed_j + per_mac * powered
+    jac = np.stack([np.ones_like(y), powered, per_mac * powered * np.log(n / 32.0)], axis=1) / scale[:, None]
+    prior_precision = np.array([0.0, 0.0, 0.0 if prior is None else 1.0 / prior[1] ** 2])
+    stderr, corr = _uncertainty(jac, weights, sigma, ["fixed_j", "joules_per_mac", "alpha"], prior_precision)
+    return ComputeFit(status=OK, reason="fitted" if prior is None else f"fitted, alpha shrunk towards {prior[0]:g}",
                       macs_per_sample=macs_per_sample, fixed_j=fixed_j, joules_per_mac=per_mac, alpha=float(alpha),
-                      alpha_fixed=not free_alpha, stderr=stderr, correlation=corr,
+                      alpha_prior=prior, stderr=stderr, correlation=corr,
                       quality=_quality(y, fitted, (y - fitted) / scale / sigma), table=table)
 
 
@@ -279,19 +276,26 @@ def _compute_design(n: np.ndarray, work: np.ndarray, alphas: np.ndarray) -> np.n
     return np.stack([np.ones_like(powered), powered], axis=2)
 
 
-def _profile_alpha(n: np.ndarray, work: np.ndarray, y: np.ndarray, scale: np.ndarray
-                   ) -> tuple[float, np.ndarray, float, np.ndarray]:
-    """Minimise the Huber loss over alpha: a coarse grid with a common robust scale, then a fine grid."""
+def _profile_alpha(n: np.ndarray, work: np.ndarray, y: np.ndarray, scale: np.ndarray,
+                   prior: tuple[float, float] | None) -> tuple[float, np.ndarray, float, np.ndarray]:
+    """Minimise the Huber loss (plus the prior's penalty) over alpha: a coarse grid, then a 0.001 grid.
+
+    The first pass only sets the robust scale; the scale is then held fixed so
+    the losses of different alphas compare on one footing.
+    """
     coarse = np.round(np.arange(ALPHA_RANGE[0], ALPHA_RANGE[1] + 1e-9, 0.05), 10)
-    coef, loss, sigma, _ = _huber_nnls(_compute_design(n, work, coarse), y, scale)
-    best = coarse[int(np.argmin(loss))]
-    # Fix the scale at the best coarse fit so the losses of different alphas compare on one footing.
+
+    def penalty(alphas: np.ndarray) -> np.ndarray:
+        return np.zeros_like(alphas) if prior is None else 0.5 * ((alphas - prior[0]) / prior[1]) ** 2
+
+    _, loss, _, _ = _huber_nnls(_compute_design(n, work, coarse), y, scale)
+    best = coarse[int(np.argmin(loss + penalty(coarse)))]
     _, _, sigma, _ = _huber_nnls(_compute_design(n, work, np.array([best])), y, scale)
-    coef, loss, _, _ = _huber_nnls(_compute_design(n, work, coarse), y, scale, sigma=sigma)
-    best = coarse[int(np.argmin(loss))]
+    _, loss, _, _ = _huber_nnls(_compute_design(n, work, coarse), y, scale, sigma=sigma)
+    best = coarse[int(np.argmin(loss + penalty(coarse)))]
     fine = np.clip(np.arange(best - 0.06, best + 0.06 + 1e-9, 0.001), *ALPHA_RANGE)
     coef, loss, _, weights = _huber_nnls(_compute_design(n, work, fine), y, scale, sigma=sigma)
-    i = int(np.argmin(loss))
+    i = int(np.argmin(loss + penalty(fine)))
     return float(fine[i]), coef[i], sigma, weights[i]
 
 
@@ -364,19 +368,24 @@ def _nnls2(xs: np.ndarray, ys: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.stack([np.nan_to_num(out_a), np.nan_to_num(out_b)], axis=1)
 
 
-def _uncertainty(jac: np.ndarray, weights: np.ndarray, sigma: float, names: list[str]
-                 ) -> tuple[dict[str, float | None], list[list[float]]]:
-    """Standard errors and correlation from the Gauss-Newton information sigma^-2 J^T W J."""
+def _uncertainty(jac: np.ndarray, weights: np.ndarray, sigma: float, names: list[str],
+                 prior_precision: np.ndarray | None = None) -> tuple[dict[str, float | None], list[list[float]]]:
+    """Standard errors and correlation from the Gauss-Newton information J^T W J / sigma^2 (+ prior precision).
+
+    Columns are scaled to unit norm before inverting (the parameters differ by
+    many orders of magnitude); sigma^2 is inflated by points / (points - parameters).
+    """
     norms = np.linalg.norm(jac, axis=0)
     norms[norms == 0] = 1.0
     scaled = jac / norms
-    info = scaled.T @ (weights[:, None] * scaled)
     dof = max(jac.shape[0] - jac.shape[1], 1)
-    correction = jac.shape[0] / dof
-    cov_scaled = np.linalg.pinv(info) * sigma ** 2 * correction
-    cov = cov_scaled / np.outer(norms, norms)
+    variance = sigma ** 2 * jac.shape[0] / dof
+    info = scaled.T @ (weights[:, None] * scaled) / variance
+    if prior_precision is not None:
+        info = info + np.diag(prior_precision / norms ** 2)
+    cov = np.linalg.pinv(info) / np.outer(norms, norms)
     se = np.sqrt(np.maximum(np.diag(cov), 0.0))
-    degenerate = np.diag(info) < 1e-12
+    degenerate = np.diag(info) < 1e-12 / variance
     stderr = {name: (None if bad else float(value)) for name, value, bad in zip(names, se, degenerate)}
     with np.errstate(divide="ignore", invalid="ignore"):
         corr = cov / np.outer(se, se)
@@ -428,6 +437,8 @@ def _device_from_dict(data: Mapping[str, Any]) -> DeviceCalibration:
     c = dict(data["compute"])
     c["quality"] = _quality_from_dict(c.get("quality"))
     c["table"] = tuple(PerNEnergy(**entry) for entry in c.get("table", ()))
+    if c.get("alpha_prior") is not None:
+        c["alpha_prior"] = tuple(c["alpha_prior"])
     u = dict(data["uplink"])
     u["quality"] = _quality_from_dict(u.get("quality"))
     return DeviceCalibration(device=str(data["device"]), records=int(data["records"]),

@@ -108,16 +108,19 @@ class TestbedEnergy:
 
     @classmethod
     def from_calibration(cls, model_counts: Counts, calibration: Calibration, device_names: list[str] | None = None,
-                         *, prior: DeviceEnergyParams = PI4_DEFAULTS, **kwargs: Any) -> "TestbedEnergy":
+                         *, prior: DeviceEnergyParams = PI4_DEFAULTS, min_records: int = 0,
+                         **kwargs: Any) -> "TestbedEnergy":
         """Parameters from ``calibration`` (own fit, else the fleet's, else ``prior``) for each device.
 
-        ``device_names`` defaults to the devices the calibration saw.
+        ``device_names`` defaults to the devices the calibration saw; a device's
+        own fits are used once it has ``min_records`` records.
         """
         names = list(device_names) if device_names is not None else sorted(calibration.devices)
         if not names:
             raise ValueError("no devices: pass device_names or a calibration with per-device fits")
         use_table = bool(kwargs.get("use_table", False))
-        params = {name: prior.with_calibration(calibration.for_device(name), table=use_table) for name in names}
+        params = {name: prior.with_calibration(calibration.for_device(name, min_records=min_records), table=use_table)
+                  for name in names}
         return cls(model_counts, params, **kwargs)
 
     @property
