@@ -4,12 +4,14 @@
 passwords from it, the basestation the per-device HMAC keys::
 
     creds = Credentials.load("provision/credentials.json")
-    creds.devices["dev-01"].hmac_key       # bytes
+    creds.devices["dev-01"].hmac_key       # bytes: signs that device's updates and reports
+    creds.model_key                         # bytes: signs the global model (every device has it)
     creds.accounts()                        # for basestation.broker.Broker
 
 File layout::
 
     {"experiment": "exp1",
+     "model_key": "<hex>",
      "basestation": {"username": "basestation", "password": "..."},
      "devices": {"dev-01": {"username": "dev-01", "password": "...", "hmac_key": "<hex>"}}}
 
@@ -60,6 +62,7 @@ class Credentials:
     experiment: str
     basestation_username: str
     basestation_password: str
+    model_key: bytes
     devices: dict[str, DeviceCredentials] = field(default_factory=dict)
 
     def accounts(self) -> list[BrokerAccount]:
@@ -76,6 +79,7 @@ class Credentials:
         """The JSON document :meth:`save` writes."""
         return {
             "experiment": self.experiment,
+            "model_key": self.model_key.hex(),
             "basestation": {"username": self.basestation_username, "password": self.basestation_password},
             "devices": {dev: c.to_json() for dev, c in sorted(self.devices.items())},
         }
@@ -113,17 +117,26 @@ class Credentials:
         try:
             experiment = check_name(doc["experiment"], "experiment id")
             bs = doc["basestation"]
+            model_key = _key(doc["model_key"], "model_key", source)
             devices = {}
             for dev, entry in dict(doc.get("devices", {})).items():
                 check_name(dev, "device id")
-                key = bytes.fromhex(entry["hmac_key"])
-                if len(key) < 16:
-                    raise CredentialsError(f"{source}: hmac_key of {dev} has {len(key)} bytes; need at least 16")
+                key = _key(entry["hmac_key"], f"hmac_key of {dev}", source)
                 devices[dev] = DeviceCredentials(str(entry["username"]), str(entry["password"]), key)
-            return cls(experiment, str(bs["username"]), str(bs["password"]), devices)
+            return cls(experiment, str(bs["username"]), str(bs["password"]), model_key, devices)
         except KeyError as exc:
             raise CredentialsError(f"{source}: missing field {exc.args[0]!r}") from None
         except (TypeError, AttributeError, ValueError) as exc:
             if isinstance(exc, CredentialsError):
                 raise
             raise CredentialsError(f"{source}: malformed credentials: {exc}") from None
+
+
+def _key(text: Any, what: str, source: str) -> bytes:
+    try:
+        key = bytes.fromhex(str(text))
+    except ValueError:
+        raise CredentialsError(f"{source}: {what} must be hex digits") from None
+    if len(key) < 16:
+        raise CredentialsError(f"{source}: {what} has {len(key)} bytes; need at least 16")
+    return key

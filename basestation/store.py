@@ -489,11 +489,11 @@ class Store:
         return None if row is None else json.loads(row[0])
 
     def close_round(self, experiment: str, round_: int, status: str, *, result_hash: str | None = None,
-                    now: float | None = None) -> None:
+                    drop_payloads: bool = True, now: float | None = None) -> None:
         """Mark a round ``aggregated`` (with the new model's hash) or ``abandoned``.
 
-        Its accepted updates become ``aggregated`` (or ``unused``) and their
-        payloads are dropped; the metadata stays.
+        Its accepted updates become ``aggregated`` (or ``unused``); their
+        payloads are dropped unless ``drop_payloads`` is False. The metadata stays.
         """
         if status not in ROUND_STATES[1:]:
             raise ValueError(f"a round closes as 'aggregated' or 'abandoned', not {status!r}")
@@ -503,16 +503,22 @@ class Store:
         if cur.rowcount == 0:
             raise StoreError(f"round {round_} of {experiment!r} is not open")
         new_state = "aggregated" if status == "aggregated" else "unused"
-        self._db.execute("UPDATE updates SET status=?, payload=NULL WHERE experiment=? AND round=? AND status='accepted'",
-                         (new_state, experiment, round_))
+        payload = "NULL" if drop_payloads else "payload"
+        self._db.execute(f"UPDATE updates SET status=?, payload={payload} WHERE experiment=? AND round=?"
+                         " AND status='accepted'", (new_state, experiment, round_))
+
+    def round(self, experiment: str, round_: int) -> RoundRecord | None:
+        """One round, or None."""
+        found = [r for r in self.rounds(experiment, number=round_)]
+        return found[0] if found else None
 
     def current_round(self, experiment: str) -> RoundRecord | None:
         """The open round, or None."""
         rounds = [r for r in self.rounds(experiment, status="open")]
         return rounds[-1] if rounds else None
 
-    def rounds(self, experiment: str, *, status: str | None = None) -> list[RoundRecord]:
-        """Every round (or those with ``status``) with its evaluation, in order."""
+    def rounds(self, experiment: str, *, status: str | None = None, number: int | None = None) -> list[RoundRecord]:
+        """Every round (or those with ``status``, or round ``number``) with its evaluation, in order."""
         sql = ("SELECT r.round, r.status, r.opened_at, r.closed_at, r.selected, r.n, r.m, r.deadline, r.quorum,"
                " r.extensions, r.model_hash, r.result_hash, r.accepted, e.loss, e.accuracy FROM rounds r"
                " LEFT JOIN evaluations e ON e.experiment=r.experiment AND e.round=r.round WHERE r.experiment=?")
@@ -520,6 +526,9 @@ class Store:
         if status is not None:
             sql += " AND r.status=?"
             args += (status,)
+        if number is not None:
+            sql += " AND r.round=?"
+            args += (number,)
         out = []
         for row in self._db.execute(sql + " ORDER BY r.round", args):
             values = list(row)
@@ -567,10 +576,10 @@ class Store:
         return [UpdateRecord(*row[:9], bool(row[9])) for row in rows]
 
     def update_payloads(self, experiment: str, round_: int) -> list[tuple[UpdateRecord, bytes]]:
-        """Accepted updates of a round with their stored payloads (to resume an open round)."""
+        """Updates of a round whose payloads are stored (all of an open round), in arrival order."""
         rows = self._db.execute("SELECT device, round, nonce, digest, samples, bytes, m, received_at, status, payload"
-                                " FROM updates WHERE experiment=? AND round=? AND status='accepted' AND payload IS NOT"
-                                " NULL ORDER BY received_at, rowid", (experiment, round_))
+                                " FROM updates WHERE experiment=? AND round=? AND payload IS NOT NULL"
+                                " ORDER BY received_at, rowid", (experiment, round_))
         return [(UpdateRecord(*row[:9], True), bytes(row[9])) for row in rows]
 
     # ---- rejections ----

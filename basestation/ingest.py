@@ -1,0 +1,251 @@
+"""From received bytes to stored facts: verification, deduplication, the store, and the acks to send.
+
+No MQTT here: the service hands in (topic, payload) pairs inside one store
+transaction and, after the commit, publishes the acks and accumulates the
+accepted updates the outcomes carry::
+
+    ingest = Ingest(store, "exp1", keys)
+    ingest.open_round(3, base_hash, selected=("dev-01", "dev-02"), reference=global_weights)
+    with store.transaction():
+        outcomes = [ingest.handle(topic, payload) for topic, payload in batch]
+    for o in outcomes:
+        if o.ack: publish(*o.ack)
+        if o.delta is not None: accumulator.add(o.delta, o.samples)
+
+Every refused message is counted in the store's ``rejections`` with its
+reason (the wire format's verdicts, plus ``wrong_topic``, ``not_selected``,
+``bad_shape``, ``duplicate_round``, ``unknown_round`` and ``bad_report``).
+Only messages whose signature verified get an ack, so nobody can make the
+basestation answer for a device it cannot authenticate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from basestation.store import Store
+from basestation.strategies import AggregationError, check_update
+from edge.mqtt import Topics
+from edge.runtime.messages import Ack, MessageError, open_signed_json, parse_status
+from edge.wire import dequantize, verify_update
+
+log = logging.getLogger("qfl.basestation.ingest")
+SIGNED_REJECTIONS = ("replayed", "wrong_experiment", "stale_round", "wrong_base")
+
+
+@dataclass
+class Outcome:
+    """What handling one message produced; ``ack`` and ``delta`` are acted on after the commit."""
+
+    kind: str
+    device: str | None
+    reason: str = "ok"
+    ack: tuple[str, bytes] | None = None
+    delta: dict[str, np.ndarray] | None = None
+    samples: int = 0
+    report: dict[str, Any] | None = None
+
+    @property
+    def accepted(self) -> bool:
+        """True when the message was stored."""
+        return self.reason == "ok"
+
+
+@dataclass
+class OpenRound:
+    """What an update is checked against."""
+
+    round: int
+    base_hash: bytes
+    selected: frozenset[str]
+    reference: Mapping[str, np.ndarray]
+
+
+class StoredNonces:
+    """``nonce in StoredNonces(store, exp)``: True if an update with that nonce is stored."""
+
+    def __init__(self, store: Store, experiment: str):
+        self.store, self.experiment = store, experiment
+
+    def __contains__(self, nonce: object) -> bool:
+        return isinstance(nonce, (bytes, bytearray)) and \
+            self.store.find_update(self.experiment, nonce=bytes(nonce).hex()) is not None
+
+
+@dataclass
+class Ingest:
+    """Turns device messages into store rows (see the module docstring)."""
+
+    store: Store
+    experiment: str
+    keys: Mapping[str, bytes]
+    round: OpenRound | None = None
+    online: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.topics = Topics(self.experiment)
+        self.nonces = StoredNonces(self.store, self.experiment)
+        self.registered = {d.device: d for d in self.store.devices(self.experiment)}
+
+    def open_round(self, round_: int, base_hash: bytes, selected: tuple[str, ...] | list[str],
+                   reference: Mapping[str, np.ndarray]) -> None:
+        """Accept updates for ``round_`` relative to the model with ``base_hash`` from ``selected``."""
+        self.round = OpenRound(round_, bytes(base_hash), frozenset(selected), reference)
+
+    def close_round(self) -> None:
+        """Stop accepting updates (until the next :meth:`open_round`)."""
+        self.round = None
+
+    def eligible(self) -> list[str]:
+        """Devices that said hello, have a key, and whose status is online."""
+        return sorted(d for d in self.registered if d in self.keys and self.online.get(d) == "online")
+
+    # ---- dispatch ----
+    def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
+        """Process one message; never raises for bad data."""
+        now = time.time() if now is None else now
+        try:
+            kind, device, _ = self.topics.parse(topic)
+        except ValueError:
+            return self._reject("other", "wrong_topic", None, None, f"unexpected topic {topic!r}", now)
+        if kind == "update":
+            return self._update(device, payload, now)  # type: ignore[arg-type]
+        if kind == "energy":
+            return self._energy(device, payload, now)  # type: ignore[arg-type]
+        if kind == "hello":
+            return self._hello(device, payload, now)  # type: ignore[arg-type]
+        if kind == "status":
+            return self._status(device, payload, now)  # type: ignore[arg-type]
+        return Outcome(kind, device, reason="ignored")
+
+    def _reject(self, kind: str, reason: str, device: str | None, round_: int | None, detail: str, now: float,
+                ack: tuple[str, bytes] | None = None) -> Outcome:
+        self.store.add_rejection(self.experiment, kind, reason, device=device, round_=round_, detail=detail[:500],
+                                 now=now)
+        log.info("rejected %s from %s: %s (%s)", kind, device, reason, detail)
+        return Outcome(kind, device, reason=reason, ack=ack)
+
+    def _ack(self, device: str, kind: str, round_: int, nonce: str, status: str, reason: str | None = None
+             ) -> tuple[str, bytes]:
+        return self.topics.device(device, "ack"), Ack(kind, round_, nonce, status, reason).to_json()
+
+    # ---- updates ----
+    def _update(self, topic_device: str, payload: bytes, now: float) -> Outcome:
+        cur = self.round
+        verdict = verify_update(payload, experiment=self.experiment, round=cur.round if cur else -1,
+                                base_hash=cur.base_hash if cur else bytes(32), key=self.keys.get,
+                                seen_nonces=self.nonces)
+        head = verdict.header
+        device = head.device if head is not None else topic_device
+        round_ = head.round if head is not None else None
+        if not verdict.accepted:
+            ack = None
+            if head is not None and verdict.reason in SIGNED_REJECTIONS and device == topic_device:
+                nonce = head.nonce.hex()
+                stored = self.store.find_update(self.experiment, nonce=nonce) if verdict.reason == "replayed" else None
+                if stored is not None and stored.device == device:
+                    ack = self._ack(device, "update", stored.round, nonce, "duplicate")
+                elif verdict.reason != "replayed":
+                    ack = self._ack(device, "update", head.round, nonce, "rejected", verdict.reason)
+            detail = verdict.detail + (f" [{verdict.wire_reason}]" if verdict.wire_reason else "")
+            return self._reject("update", verdict.reason, device, round_, detail, now, ack)
+        msg = verdict.message
+        nonce = msg.nonce.hex()
+        if msg.device != topic_device:
+            return self._reject("update", "wrong_topic", msg.device, msg.round,
+                                f"signed by {msg.device!r} but published on the topic of {topic_device!r}", now)
+        if msg.device not in cur.selected:  # type: ignore[union-attr]
+            return self._reject("update", "not_selected", msg.device, msg.round, "device not selected this round",
+                                now, self._ack(msg.device, "update", msg.round, nonce, "rejected", "not_selected"))
+        try:
+            if msg.kind != "difference":
+                raise AggregationError(f"update kind {msg.kind!r}; this basestation aggregates differences")
+            if msg.samples < 1:
+                raise AggregationError("an update must report at least one training sample")
+            delta = dequantize(msg.tensors)
+            check_update(delta, cur.reference)  # type: ignore[union-attr]
+        except AggregationError as exc:
+            return self._reject("update", "bad_shape", msg.device, msg.round, str(exc), now,
+                                self._ack(msg.device, "update", msg.round, nonce, "rejected", "bad_shape"))
+        stored = self.store.add_update(self.experiment, device=msg.device, round_=msg.round, nonce=nonce,
+                                       digest=hashlib.sha256(payload).hexdigest(), samples=int(msg.samples),
+                                       size=len(payload), m=max(t.bits for t in msg.tensors),
+                                       payload=bytes(payload), now=now)
+        if not stored:
+            return self._reject("update", "duplicate_round", msg.device, msg.round,
+                                "another update of this device for this round is already stored", now,
+                                self._ack(msg.device, "update", msg.round, nonce, "rejected", "duplicate_round"))
+        return Outcome("update", msg.device, ack=self._ack(msg.device, "update", msg.round, nonce, "accepted"),
+                       delta=delta, samples=int(msg.samples))
+
+    # ---- energy reports ----
+    def _energy(self, topic_device: str, payload: bytes, now: float) -> Outcome:
+        try:
+            body = open_signed_json(payload, self.keys.get, "energy report")
+        except MessageError as exc:
+            return self._reject("energy", exc.reason, topic_device, None, str(exc), now)
+        device, round_, nonce = body.get("device"), body.get("round"), body.get("nonce")
+        if device != topic_device:
+            return self._reject("energy", "wrong_topic", device, None,
+                                f"signed by {device!r} but published on the topic of {topic_device!r}", now)
+        if not isinstance(round_, int) or isinstance(round_, bool) or not isinstance(nonce, str) or \
+                not isinstance(body.get("meter", None), (dict, type(None))):
+            return self._reject("energy", "bad_report", device, None, "report lacks round, nonce or meter", now)
+        if body.get("experiment") != self.experiment:
+            return self._reject("energy", "wrong_experiment", device, round_,
+                                f"report for experiment {body.get('experiment')!r}", now,
+                                self._ack(device, "energy", round_, nonce, "rejected", "wrong_experiment"))
+        if self.store.round(self.experiment, round_) is None:
+            return self._reject("energy", "unknown_round", device, round_, f"no round {round_} in the store", now,
+                                self._ack(device, "energy", round_, nonce, "rejected", "unknown_round"))
+        if not self.store.add_energy_report(self.experiment, device, round_, nonce, body, now=now):
+            existing = self.store.energy_report(self.experiment, device, round_) or {}
+            status = "duplicate" if existing.get("nonce") == nonce else "rejected"
+            return self._reject("energy", "replayed" if status == "duplicate" else "duplicate_round", device, round_,
+                                "energy report for this round already stored", now,
+                                self._ack(device, "energy", round_, nonce, status,
+                                          None if status == "duplicate" else "duplicate_round"))
+        return Outcome("energy", device, ack=self._ack(device, "energy", round_, nonce, "accepted"), report=body)
+
+    # ---- presence ----
+    def _hello(self, topic_device: str, payload: bytes, now: float) -> Outcome:
+        try:
+            body = open_signed_json(payload, self.keys.get, "hello")
+        except MessageError as exc:
+            return self._reject("hello", exc.reason, topic_device, None, str(exc), now)
+        device = body["device"]
+        if device != topic_device or body.get("experiment") != self.experiment:
+            return self._reject("hello", "wrong_topic", device, None,
+                                f"hello of {device!r} for {body.get('experiment')!r} on the topic of {topic_device!r}",
+                                now)
+        size = body.get("dataset_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return self._reject("hello", "bad_report", device, None, f"dataset_size must be a count, got {size!r}",
+                                now)
+        self.store.register_device(self.experiment, device, body, now=now)
+        self.store.set_device_state(self.experiment, device, "online", now=now)
+        first = device not in self.registered
+        self.registered[device] = True  # type: ignore[assignment]
+        self.online[device] = "online"
+        if first:
+            log.info("device %s registered (%d samples, board %s)", device, size, body.get("board"))
+        return Outcome("hello", device)
+
+    def _status(self, device: str, payload: bytes, now: float) -> Outcome:
+        if device not in self.keys:
+            return self._reject("status", "unknown_device", device, None, "status of a device without a key", now)
+        try:
+            state = parse_status(payload)
+        except MessageError as exc:
+            return self._reject("status", exc.reason, device, None, str(exc), now)
+        if self.online.get(device) != state:
+            log.info("device %s is %s", device, state)
+        self.online[device] = state
+        self.store.set_device_state(self.experiment, device, state, now=now)
+        return Outcome("status", device)

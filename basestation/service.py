@@ -1,0 +1,431 @@
+"""The basestation service: the round loop over MQTT, around a store, a strategy and a precision policy.
+
+    cfg = BasestationConfig.load("basestation.toml")
+    station = Basestation(cfg)
+    status = station.run()          # until ``cfg.rounds`` rounds are aggregated, or request_stop()
+
+One loop in one thread (paho's network thread only queues events):
+
+1. Create the experiment in the store, or resume it: the open round's plan,
+   its accepted updates (reloaded from their stored payloads and
+   accumulated again, so none is counted twice) and the policy's state.
+2. Wait until ``min_devices`` devices said hello and are online, then for
+   each round: ask the precision policy for (n, m), select devices, store the
+   decision and the plan, publish the global model and the plan (retained).
+3. Drain received messages in batches: one store transaction per batch
+   (``basestation.ingest``), then the acks and PUBACKs of that batch, so an
+   update is acknowledged only once it is durable.
+4. Close the round when every selected device answered, or at the deadline
+   with a quorum (else extend, then abandon; ``basestation.rounds``);
+   aggregate with the strategy, evaluate on the held-out set, store the new
+   model, evaluation and round in one transaction.
+5. After ``rounds`` aggregated rounds wait briefly for the last energy
+   reports, publish a ``finished`` plan, write the final status and return 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from basestation.config import BasestationConfig
+from basestation.credentials import Credentials
+from basestation.ingest import Ingest
+from basestation.rounds import (RoundProgress, apply_update, evaluate_model, initial_model, quantize_model,
+                                quorum_count, select_devices)
+from basestation.store import Store, StoreError
+from basestation.strategies import Accumulator, get_strategy
+from edge.mqtt import Connected, Message, MqttError, MqttLink, Refused, Topics
+from edge.runtime.messages import RoundPlan
+from edge.wire import decode_message, dequantize, encode_model, model_hash, quantize_update
+
+log = logging.getLogger("qfl.basestation")
+BATCH = 512
+
+
+class ServiceError(RuntimeError):
+    """The experiment cannot be run as configured (mismatched credentials, changed model, ...)."""
+
+
+class Basestation:
+    """The round loop of one experiment (see the module docstring)."""
+
+    def __init__(self, config: BasestationConfig, *, rounds: int | None = None):
+        self.config = config
+        self.target_rounds = config.rounds if rounds is None else rounds
+        self.topics = Topics(config.experiment)
+        self.credentials = Credentials.load(config.credentials)
+        if self.credentials.experiment != config.experiment:
+            raise ServiceError(f"credentials {config.credentials} are for experiment "
+                               f"{self.credentials.experiment!r}, the config runs {config.experiment!r}")
+        if not self.credentials.devices:
+            raise ServiceError(f"credentials {config.credentials} list no devices")
+        settings = config.broker
+        if settings.username is None:
+            settings = settings.with_credentials(self.credentials.basestation_username,
+                                                 self.credentials.basestation_password)
+        self.strategy = get_strategy(config.training.strategy)
+        self.store = Store(config.store, synchronous=config.synchronous)
+        self.ingest = Ingest(self.store, config.experiment, self.credentials.keys())
+        self.link = MqttLink(settings, config.client_id, manual_ack=True,
+                             subscriptions=[(self.topics.devices(kind), 1)
+                                            for kind in ("hello", "status", "update", "energy")])
+        self._stop = threading.Event()
+        self.progress: RoundProgress | None = None
+        self.plan: RoundPlan | None = None
+        self.accumulator: Accumulator | None = None
+        self.global_weights: dict[str, np.ndarray] = {}
+        self.global_hash = ""
+        self._model_message: bytes | None = None
+        self._finishing_since: float | None = None
+        self.finished = False
+        self.x_test: np.ndarray | None = None
+        self.y_test: np.ndarray | None = None
+        self.policy: Any = None
+
+    def __repr__(self) -> str:
+        where = f"round {self.progress.round}" if self.progress else "between rounds"
+        return f"<Basestation {self.config.experiment} {where} store={str(self.config.store)!r}>"
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current batch (safe from a signal handler)."""
+        self._stop.set()
+
+    # ---- startup ----
+    def _prepare(self) -> None:
+        from basestation.energy.policies import build_policy
+        from edge.data import load_dataset
+
+        cfg, exp = self.config, self.config.experiment
+        record = self.store.experiment(exp)
+        if record is None:
+            weights = initial_model(cfg.model, cfg.seed)
+            digest = model_hash(weights).hex()
+            with self.store.transaction():
+                self.store.create_experiment(exp, cfg.to_json())
+                self.store.save_model(exp, 1, digest, weights)
+            log.info("created experiment %s in %s", exp, cfg.store)
+        else:
+            stored = {k: record.config.get(k) for k in cfg.identity()}
+            if stored != cfg.identity():
+                raise ServiceError(f"experiment {exp!r} in {cfg.store} was created with {stored}; the config now "
+                                   f"says {cfg.identity()}: use a new experiment id or the original settings")
+            self.store.set_experiment_status(exp, "running")
+            log.info("resuming experiment %s from %s", exp, cfg.store)
+        dataset = load_dataset(cfg.dataset, seed=cfg.dataset_seed)
+        self.x_test, self.y_test = dataset.x_test, dataset.y_test
+        devices = sorted(self.credentials.devices)
+        per_round = cfg.round.devices_per_round or len(devices)
+        if per_round > len(devices):
+            raise ServiceError(f"devices_per_round is {per_round} but the credentials list {len(devices)} devices")
+        self.policy = build_policy(cfg.precision.policy, devices=devices, local_iters=cfg.training.iterations,
+                                   devices_per_round=per_round, model=cfg.model, epsilon=cfg.precision.epsilon,
+                                   n=cfg.precision.n, m=cfg.precision.m, **cfg.precision.options)
+        self.policy.resume(self._last_decision())
+        self._restore_round()
+
+    def _last_decision(self) -> Any:
+        from basestation.energy.policies import Decision
+
+        decisions = self.store.decisions(self.config.experiment)
+        if not decisions:
+            return None
+        d = decisions[-1]
+        detail = d.detail or {}
+        return Decision(round=d.round, policy=d.policy, n=d.n, m=d.m, local_iters=detail.get("local_iters", 1),
+                        devices_per_round=detail.get("devices_per_round", 1), reason=detail.get("reason", ""),
+                        inputs=d.inputs, m_per_device=detail.get("m_per_device"),
+                        explore=bool(detail.get("explore", False)), predicted=detail.get("predicted"),
+                        state=detail.get("state") or {})
+
+    def _restore_round(self) -> None:
+        """Reload the open round (plan, answered devices, accumulated updates) from the store."""
+        exp = self.config.experiment
+        current = self.store.current_round(exp)
+        if current is None:
+            return
+        stored = self.store.model(exp, current.round)
+        plan_doc = self.store.plan(exp, current.round)
+        if stored is None or plan_doc is None:
+            raise StoreError(f"round {current.round} of {exp!r} is open but its model or plan is missing")
+        self.global_hash, self.global_weights = stored
+        self.plan = RoundPlan.from_json(json.dumps(plan_doc).encode())
+        self.progress = RoundProgress(current.round, current.selected, current.deadline, current.quorum,
+                                      current.extensions)
+        self.accumulator = self.strategy.accumulator()
+        self.ingest.open_round(current.round, bytes.fromhex(self.global_hash), current.selected, self.global_weights)
+        for update, payload in self.store.update_payloads(exp, current.round):
+            values = dequantize(decode_message(payload).tensors)
+            self.accumulator.add(values, update.samples)
+            self.progress.answered.add(update.device)
+        self._model_message = self._encode_model(current.round)
+        log.info("round %d is open with %d of %d updates already stored", current.round,
+                 len(self.progress.answered), len(current.selected))
+
+    # ---- main loop ----
+    def run(self) -> int:
+        """Run the experiment; returns 0 when finished or stopped cleanly."""
+        self._prepare()
+        self.link.start()
+        try:
+            while not self._stop.is_set() and not self.finished:
+                events = self._next_events()
+                if events:
+                    self._process(events)
+                self._tick(time.time())
+        finally:
+            self.link.stop()
+            if not self.finished:
+                self._write_status("stopped")
+                self.store.set_experiment_status(self.config.experiment, "stopped")
+            self.store.close()
+        return 0
+
+    def _next_events(self) -> list[Any]:
+        timeout = 0.25
+        if self.progress is not None:
+            timeout = min(timeout, max(0.0, self.progress.deadline - time.time()) + 0.001)
+        first = self.link.next_event(timeout)
+        if first is None:
+            return []
+        events = [first]
+        while len(events) < BATCH:
+            more = self.link.next_event(0)
+            if more is None:
+                break
+            events.append(more)
+        return events
+
+    def _process(self, events: list[Any]) -> None:
+        messages = [e for e in events if isinstance(e, Message)]
+        for event in events:
+            if isinstance(event, Refused) and event.permanent:
+                raise MqttError(f"broker {self.config.broker.url} refused the basestation: {event.reason}; check "
+                                "the [broker] credentials")
+        outcomes = []
+        if messages:
+            now = time.time()
+            with self.store.transaction():
+                outcomes = [self.ingest.handle(m.topic, m.payload, now) for m in messages]
+            # Durable now: acknowledge, then let the broker forget them.
+            for outcome in outcomes:
+                if outcome.ack is not None:
+                    self.link.publish(outcome.ack[0], outcome.ack[1], qos=1)
+                if outcome.delta is not None and self.accumulator is not None and self.progress is not None:
+                    self.accumulator.add(outcome.delta, outcome.samples)
+                    self.progress.answered.add(outcome.device)  # type: ignore[arg-type]
+            for message in messages:
+                self.link.ack(message)
+        if any(isinstance(e, Connected) for e in events):
+            self._republish()
+
+    def _republish(self) -> None:
+        """After (re)connecting: the broker may have lost the retained plan and model; publish them again."""
+        if self.finished or self.plan is None:
+            return
+        if self._model_message is not None and self.plan.status == "open":
+            self.link.publish(self.topics.model(self.plan.round), self._model_message, qos=1, retain=True)
+        self.link.publish(self.topics.round, self.plan.to_json(), qos=1, retain=True)
+
+    # ---- round state machine ----
+    def _tick(self, now: float) -> None:
+        if self.progress is not None:
+            verdict = self.progress.verdict(now, self.config.round.extensions)
+            if verdict == "aggregate":
+                self._aggregate()
+            elif verdict == "extend":
+                self._extend(now)
+            elif verdict == "abandon":
+                self._abandon()
+            return
+        done = len(self.store.rounds(self.config.experiment, status="aggregated"))
+        if self.target_rounds and done >= self.target_rounds:
+            self._finish(now)
+            return
+        eligible = self.ingest.eligible()
+        needed = self.config.round.min_devices if not self.store.rounds(self.config.experiment) \
+            else self.config.round.min_online
+        if len(eligible) >= needed:
+            self._open_round(eligible, now)
+
+    def _energy_inputs(self) -> tuple[list[Any], list[Any]]:
+        """EnergyRecords and RoundStats for the policy, from every stored energy report."""
+        from basestation.energy.records import EnergyRecord, RoundStats
+
+        records, stats = [], []
+        for report in self.store.energy_reports(self.config.experiment):
+            train, uplink, meter = report.get("train") or {}, report.get("uplink") or {}, report.get("meter")
+            try:
+                if isinstance(meter, dict):
+                    phases = meter.get("phases") or {}
+                    train_j = (phases.get("train") or {}).get("joules_above_idle")
+                    uplink_j = (phases.get("uplink") or {}).get("joules_above_idle")
+                    if train_j is not None and uplink_j is not None:
+                        records.append(EnergyRecord(
+                            device=report["device"], round=report["round"], n=report["n"], m=report["m"],
+                            local_iters=report["iterations"], batch_size=report["batch_size"], train_j=train_j,
+                            uplink_j=uplink_j, uplink_bits=int(uplink.get("bytes", 0)) * 8))
+                stats.append(RoundStats(device=report["device"], round=report["round"], loss=train["loss"],
+                                        grad_sq_norm=train["grad_sq_norm"], grad_variance=train["grad_variance"],
+                                        samples=report["samples"], local_iters=report["iterations"], n=report["n"],
+                                        lr=report.get("lr")))
+            except (KeyError, TypeError, ValueError) as exc:
+                log.debug("energy report of %s round %s not usable by the policy: %s", report.get("device"),
+                          report.get("round"), exc)
+        return records, stats
+
+    def _open_round(self, eligible: list[str], now: float) -> None:
+        from basestation.energy.policies import MeasuredPolicy
+
+        cfg, exp = self.config, self.config.experiment
+        previous = self.store.rounds(exp)
+        number = previous[-1].round + 1 if previous else 1
+        stored = self.store.model(exp, number)
+        if stored is None:
+            raise StoreError(f"no global model stored for round {number} of {exp!r}")
+        self.global_hash, self.global_weights = stored
+        records, stats = self._energy_inputs()
+        decision = self.policy.decide(number, records, stats)
+        selected = select_devices(eligible, decision.devices_per_round, cfg.seed, number)
+        quorum = quorum_count(len(selected), cfg.round.quorum)
+        plan = RoundPlan(
+            experiment=exp, round=number, selected=tuple(selected), n=decision.n, m=decision.m,
+            iterations=decision.local_iters, lr=cfg.training.lr, batch_size=cfg.training.batch_size,
+            deadline=now + cfg.round.deadline_seconds, quorum=quorum, model_hash=self.global_hash, model=cfg.model,
+            uplink_scheme=cfg.training.uplink_scheme, momentum=cfg.training.momentum, mode=cfg.training.mode,
+            seed=cfg.seed, issued_at=now, m_per_device=decision.m_per_device)
+        with self.store.transaction():
+            self.store.add_decision(exp, number, policy=decision.policy, n=decision.n, m=decision.m,
+                                    inputs=decision.inputs, detail=decision.detail(), now=now)
+            if isinstance(self.policy, MeasuredPolicy) and self.policy.last_calibration is not None:
+                self.store.add_calibration(exp, number, self.policy.last_calibration.to_dict(), now=now)
+            self.store.open_round(exp, number, selected=selected, n=decision.n, m=decision.m, deadline=plan.deadline,
+                                  quorum=quorum, model_hash=self.global_hash, plan=json.loads(plan.to_json()), now=now)
+        self.plan = plan
+        self.progress = RoundProgress(number, tuple(selected), plan.deadline, quorum)
+        self.accumulator = self.strategy.accumulator()
+        self.ingest.open_round(number, bytes.fromhex(self.global_hash), selected, self.global_weights)
+        self._model_message = self._encode_model(number)
+        self._republish()
+        if number > 1:  # the previous round's model is no longer needed by anyone
+            self.link.publish(self.topics.model(number - 1), b"", qos=1, retain=True)
+        log.info("round %d: %d devices selected (quorum %d), n=%d m=%d I=%d (%s)", number, len(selected), quorum,
+                 decision.n, decision.m, decision.local_iters, decision.reason)
+
+    def _encode_model(self, round_: int) -> bytes:
+        tensors = quantize_update(self.global_weights, 32, None)
+        return encode_model(tensors, experiment=self.config.experiment, round=round_,
+                            key=self.credentials.model_key)
+
+    def _aggregate(self) -> None:
+        cfg, exp = self.config, self.config.experiment
+        progress, plan = self.progress, self.plan
+        assert progress is not None and plan is not None and self.accumulator is not None
+        delta = self.accumulator.result()
+        base = quantize_model(cfg.model, self.global_weights, plan.n, plan.mode)
+        new_weights = apply_update(base, delta)
+        new_hash = model_hash(new_weights).hex()
+        loss, accuracy = evaluate_model(cfg.model, new_weights, plan.n, plan.mode, self.x_test, self.y_test)
+        with self.store.transaction():
+            self.store.close_round(exp, progress.round, "aggregated", result_hash=new_hash,
+                                   drop_payloads=not cfg.keep_payloads)
+            self.store.add_evaluation(exp, progress.round, loss=loss, accuracy=accuracy, samples=len(self.y_test),
+                                      model_hash=new_hash)
+            self.store.save_model(exp, progress.round + 1, new_hash, new_weights)
+        log.info("round %d aggregated from %d update(s) (%s): accuracy %.4f, loss %.4f", progress.round,
+                 self.accumulator.count, ", ".join(sorted(progress.answered)), accuracy, loss)
+        self._end_round()
+
+    def _extend(self, now: float) -> None:
+        progress, plan = self.progress, self.plan
+        assert progress is not None and plan is not None
+        deadline = max(now, progress.deadline) + self.config.round.extension
+        self.plan = dataclasses.replace(plan, deadline=deadline, issued_at=now)
+        with self.store.transaction():
+            self.store.extend_round(self.config.experiment, progress.round, deadline,
+                                    json.loads(self.plan.to_json()), now=now)
+        progress.deadline = deadline
+        progress.extensions += 1
+        self.link.publish(self.topics.round, self.plan.to_json(), qos=1, retain=True)
+        log.info("round %d: %d of %d answered, quorum %d not reached; deadline extended (%d of %d)", progress.round,
+                 len(progress.answered), len(progress.selected), progress.quorum, progress.extensions,
+                 self.config.round.extensions)
+
+    def _abandon(self) -> None:
+        exp, progress = self.config.experiment, self.progress
+        assert progress is not None
+        with self.store.transaction():
+            self.store.close_round(exp, progress.round, "abandoned", drop_payloads=not self.config.keep_payloads)
+            self.store.save_model(exp, progress.round + 1, self.global_hash, self.global_weights)
+        log.warning("round %d abandoned: %d of %d answered after %d extension(s); the model is unchanged",
+                    progress.round, len(progress.answered), len(progress.selected), progress.extensions)
+        self._end_round()
+
+    def _end_round(self) -> None:
+        self.progress = None
+        self.accumulator = None
+        self.ingest.close_round()
+
+    # ---- the end ----
+    def _finish(self, now: float) -> None:
+        exp = self.config.experiment
+        if self._finishing_since is None:
+            self._finishing_since = now
+        rounds = self.store.rounds(exp)
+        last = rounds[-1] if rounds else None
+        if last is not None and now - self._finishing_since < self.config.round.final_grace_seconds:
+            senders = {u.device for u in self.store.updates(exp, last.round)}
+            reported = {r["device"] for r in self.store.energy_reports(exp, round_=last.round)}
+            if not senders <= reported:
+                return  # give the last energy reports a moment
+        if self.plan is not None:
+            final = dataclasses.replace(self.plan, selected=(), status="finished", issued_at=now, m_per_device=None)
+        else:
+            final = RoundPlan(experiment=exp, round=0, selected=(), n=self.config.precision.n,
+                              m=self.config.precision.m, iterations=1, lr=self.config.training.lr,
+                              batch_size=self.config.training.batch_size, deadline=now, quorum=0,
+                              model_hash=self.global_hash, model=self.config.model, issued_at=now,
+                              status="finished")
+        self.plan = final
+        info = self.link.publish(self.topics.round, final.to_json(), qos=1, retain=True)
+        try:
+            info.wait_for_publish(5.0)
+        except (RuntimeError, ValueError):
+            log.warning("could not confirm the final plan was published")
+        status = self._write_status("finished")
+        self.store.set_experiment_status(exp, "finished", status)
+        self.finished = True
+        log.info("experiment %s finished after %d round(s)", exp, status["rounds_aggregated"])
+
+    def status(self, state: str) -> dict[str, Any]:
+        """The status document: progress, last evaluation, counts of updates, reports and rejections."""
+        exp = self.config.experiment
+        rounds = self.store.rounds(exp)
+        aggregated = [r for r in rounds if r.status == "aggregated"]
+        last = aggregated[-1] if aggregated else None
+        return {
+            "experiment": exp, "state": state, "written_at": time.time(),
+            "rounds_aggregated": len(aggregated), "rounds_abandoned": sum(r.status == "abandoned" for r in rounds),
+            "last_round": rounds[-1].round if rounds else 0,
+            "accuracy": last.accuracy if last else None, "loss": last.loss if last else None,
+            "model_hash": last.result_hash if last else None,
+            "updates": len(self.store.updates(exp)), "energy_reports": len(self.store.energy_reports(exp)),
+            "devices": len(self.store.devices(exp)), "rejections": self.store.rejection_counts(exp),
+        }
+
+    def _write_status(self, state: str) -> dict[str, Any]:
+        status = self.status(state)
+        path = self.config.status_file
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(f"{path}.tmp")
+            tmp.write_text(json.dumps(status, indent=2, sort_keys=True) + "\n")
+            tmp.replace(path)
+        return status
