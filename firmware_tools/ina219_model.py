@@ -50,6 +50,11 @@ class EmulatedINA219:
         self.conversion_ready = False
         self.overflow = False
 
+    @property
+    def configuration(self) -> ina219.Ina219Config:
+        """The configuration register, decoded."""
+        return self._decoded
+
     # --- the analog side -------------------------------------------------------------------------
     def set_inputs(self, shunt_volts: float, bus_volts: float) -> None:
         """Apply voltages across the shunt and on the bus, and complete one conversion."""

@@ -368,10 +368,13 @@ class PowerMeter:
         with self._cond:
             stream.set_rate(self.rate_hz)
             stream.last_sample_host = time.monotonic()
+        samples = stream.counters.samples
         ack = self._command(ser, command("START", self.rate_hz), "START")
         if ack.values and ack.values[0].isdigit() and int(ack.values[0]) != self.rate_hz:
             with self._cond:
                 stream.set_rate(int(ack.values[0]))
+        # Return only once samples flow, so a phase begun right after opening starts inside the data.
+        self._await(ser, lambda: stream.counters.samples > samples, "send samples after START")
 
     def _ask_identity(self, ser: serial.Serial, *, stop_first: bool) -> None:
         with self._cond:

@@ -105,7 +105,7 @@ class Meter:
     """The meter's state and its protocol: commands in, identification, samples and errors out."""
 
     def __init__(self, ina, write, meter_id="qflm", shunt_milliohm=DEFAULT_SHUNT_MILLIOHM,
-                 current_lsb_ua=DEFAULT_CURRENT_LSB_UA, config=DEFAULT_CONFIG):
+                 current_lsb_ua=DEFAULT_CURRENT_LSB_UA, config=DEFAULT_CONFIG, max_rate_hz=MAX_RATE_HZ):
         self.ina = ina
         self.write = write
         self.meter_id = meter_id
@@ -118,6 +118,7 @@ class Meter:
         self.period_us = 0
         self.seq = 0
         self.overruns = 0
+        self.max_rate_hz = max_rate_hz
         self._pending = ""
         try:
             self.ina.configure(config)
@@ -199,7 +200,7 @@ class Meter:
     def _start(self, args):
         if len(args) != 1 or not args[0].isdigit() or not MIN_RATE_HZ <= int(args[0]) <= MAX_RATE_HZ:
             raise ValueError("START takes one rate in Hz, %d..%d, e.g. START 1000" % (MIN_RATE_HZ, MAX_RATE_HZ))
-        self.rate_hz = int(args[0])
+        self.rate_hz = min(int(args[0]), self.max_rate_hz)  # the OK line tells the host the rate it got
         self.period_us = 1000000 // self.rate_hz
         self.running = True
         self.send("OK,START,%d" % self.rate_hz)
