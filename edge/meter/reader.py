@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_RATE_HZ = 5000
 _BACKOFF_START = 0.05
-_BACKOFF_MAX = 2.0
+_BACKOFF_MAX = 1.0
 
 
 class Phase:
@@ -265,6 +265,7 @@ class PowerMeter:
     def _run(self, ser: serial.Serial | None) -> None:
         backoff = _BACKOFF_START
         streaming = False
+        down_since: float | None = None
         try:
             while not self._closing.is_set():
                 try:
@@ -275,6 +276,9 @@ class PowerMeter:
                         streaming = True
                         backoff = _BACKOFF_START
                         self._set_state("streaming")
+                        if down_since is not None:
+                            log.warning("meter %s: streaming again after %.2f s", self.port, time.monotonic() - down_since)
+                            down_since = None
                         self._ready.set()
                     streaming = self._pump(ser)
                 except (serial.SerialException, OSError, MeterError) as exc:
@@ -283,7 +287,11 @@ class PowerMeter:
                             f"meter on {self.port}: {exc}")
                         self._ready.set()
                         return
-                    log.warning("meter %s: %s; reconnecting in %.2f s", self.port, exc, backoff)
+                    if down_since is None:
+                        down_since = time.monotonic()
+                        log.warning("meter %s: %s; reconnecting", self.port, exc)
+                    else:
+                        log.debug("meter %s: %s; next try in %.2f s", self.port, exc, backoff)
                     ser = self._drop(ser)
                     streaming = False
                     self._closing.wait(backoff)
@@ -340,7 +348,8 @@ class PowerMeter:
             except (serial.SerialException, OSError):
                 pass
         with self._cond:
-            self._stream.disconnected()
+            if self._state == "streaming":  # count each outage once, not each failed attempt
+                self._stream.disconnected()
             self._state = "reconnecting"
             self._cond.notify_all()
         return None

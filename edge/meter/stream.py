@@ -68,7 +68,8 @@ class MeterStream:
     """Decodes one meter's byte stream and integrates its power over phases (see the module docstring)."""
 
     def __init__(self, *, rate_hz: float = 1000.0, max_bridge_samples: int = 4, history_seconds: float = 2.0,
-                 gain_tolerance: float = 0.0, shunt_ohms: float | None = None, clock: ClockAligner | None = None):
+                 gain_tolerance: float = 0.0, shunt_ohms: float | None = None, clock: ClockAligner | None = None,
+                 warmup_seconds: float = 0.25):
         if max_bridge_samples < 0:
             raise ValueError(f"max_bridge_samples must be >= 0, got {max_bridge_samples}")
         if shunt_ohms is not None and not shunt_ohms > 0:
@@ -91,7 +92,11 @@ class MeterStream:
         self._splitter = LineSplitter()
         self._overlong_seen = 0
         self._expect_identity = False
-        self._prev: tuple | None = None  # (seq, t_us, t_s, h, watts, valid) of the last sample
+        self._prev: tuple | None = None  # (seq, t_us, t_s, h, watts, valid) of the last placed sample
+        self._last_seen: tuple[int, int] | None = None  # (seq, t_us) of the last sample received
+        self._pending: list[tuple] = []
+        self._warming = True
+        self.warmup_seconds = warmup_seconds
         self._live = [0.0, 0.0, 0.0, 0]
         self.set_rate(rate_hz)
 
@@ -157,13 +162,16 @@ class MeterStream:
         self._shunt_limit = decode_config(identity.config).shunt_full_scale_raw
         if self._expect_identity:
             self._expect_identity = False
-        elif self._prev is not None:  # unasked identity mid-stream: the meter rebooted
+        elif self._last_seen is not None:  # unasked identity mid-stream: the meter rebooted
             self.counters.restarts += 1
             self.needs_start = True
             self._break()
 
     def _break(self) -> None:
+        self._flush_warmup()
         self._prev = None
+        self._last_seen = None
+        self._warming = True
         self.clock.reset()
         self._splitter.reset()
 
@@ -172,16 +180,14 @@ class MeterStream:
         if not self._amps_per_count:
             counters.unidentified_samples += 1
             return
-        prev = self._prev
-        if prev is not None and (s.seq <= prev[0] or s.t_us <= prev[1]):
+        last = self._last_seen
+        if last is not None and (s.seq <= last[0] or s.t_us <= last[1]):
             counters.restarts += 1  # time or sequence went backwards: a new meter epoch
             self.needs_start = True
             self._break()
-            prev = None
+        self._last_seen = (s.seq, s.t_us)
         t = s.t_us * 1e-6
-        clock = self.clock
-        clock.observe(t, host_time)
-        h = clock.to_host(t)
+        self.clock.observe(t, host_time)
         self.last_sample_host = host_time
         raw = s.shunt_raw
         signed = raw - 0x10000 if raw & 0x8000 else raw
@@ -191,8 +197,6 @@ class MeterStream:
         amps = signed * self._amps_per_count
         watts = volts * amps
         counters.samples += 1
-        integrator = self.integrator
-        integrator.clock_uncertainty_s = clock.uncertainty_s
         if valid:
             live = self._live
             live[0] += volts
@@ -201,17 +205,40 @@ class MeterStream:
             live[3] += 1
         else:
             counters.overflow_samples += 1
+        if self._warming:
+            # Hold the first samples of a run back until the clock fit has a bucket of minima:
+            # placed with the very first arrival's delay, the run would start late on the host's clock.
+            pending = self._pending
+            pending.append((s.seq, s.t_us, t, watts, valid))
+            if t - pending[0][2] >= self.warmup_seconds:
+                self._flush_warmup()
+            return
+        self._place(s.seq, s.t_us, t, watts, valid)
+
+    def _flush_warmup(self) -> None:
+        self._warming = False
+        pending, self._pending = self._pending, []
+        for sample in pending:
+            self._place(*sample)
+
+    def _place(self, seq: int, t_us: int, t: float, watts: float, valid: bool) -> None:
+        """Put one converted sample on the host clock and hand it to the integrator."""
+        clock = self.clock
+        h = clock.to_host(t)
+        integrator = self.integrator
+        integrator.clock_uncertainty_s = clock.uncertainty_s
+        prev = self._prev
         if prev is not None:
-            lost = s.seq - prev[0] - 1
-            counters.lost_samples += lost
+            lost = seq - prev[0] - 1
+            self.counters.lost_samples += lost
             dt = t - prev[2]
             if valid and prev[5] and dt <= self._max_interval:
                 b = h if h > prev[3] else prev[3]
                 integrator.interval(prev[3], b, prev[4], watts, dt * clock.rate, lost)
-                self._prev = (s.seq, s.t_us, t, b, watts, True)
+                self._prev = (seq, t_us, t, b, watts, True)
                 return
         integrator.point(h, valid)
-        self._prev = (s.seq, s.t_us, t, h, watts, valid)
+        self._prev = (seq, t_us, t, h, watts, valid)
 
     # --- phases and readings -----------------------------------------------------------------------
     def open_phase(self, name: str, start: float) -> PhaseToken:
