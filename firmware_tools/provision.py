@@ -73,8 +73,9 @@ def _toml_value(value: object) -> str:
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
-def _toml(table: dict[str, object], sections: dict[str, dict[str, object]], header: str) -> str:
-    lines = [f"# {line}" for line in header.splitlines()] + [""]
+def toml_text(table: dict[str, object], sections: dict[str, dict[str, object]], header: str = "") -> str:
+    """A flat TOML document: top-level keys, then one table per section; None values are left out."""
+    lines = [f"# {line}" for line in header.splitlines()] + ([""] if header else [])
     lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None]
     for name, section in sections.items():
         lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in section.items() if v is not None]
@@ -141,7 +142,7 @@ def provision(out: str | Path, *, experiment: str, devices: int | Sequence[str],
                "spool_dir": "spool", "seed": seed}
         broker = {"url": broker_url, "username": entry.username, "password": entry.password, "protocol": protocol,
                   "ca_file": "ca.crt" if ca_file is not None else None}
-        _write_secret(folder / "device.toml", _toml(top, {"broker": broker},
+        _write_secret(folder / "device.toml", toml_text(top, {"broker": broker},
                                                     f"qfl-testbed device {name} of experiment {experiment}.\n"
                                                     "Holds secrets: keep it readable by the qfl user only.\n"
                                                     "Run: qfl edge run --config device.toml"))
@@ -149,7 +150,7 @@ def provision(out: str | Path, *, experiment: str, devices: int | Sequence[str],
 
     bs_config = out / "basestation.toml"
     if not bs_config.exists():
-        bs_config.write_text(_toml(
+        bs_config.write_text(toml_text(
             {"experiment": experiment, "store": f"{experiment}.sqlite", "credentials": "credentials.json",
              "dataset": "digits", "model": "mlp", "seed": seed, "rounds": 20, "status_file": "status.json"},
             {"broker": {"url": broker_url, "protocol": protocol, "ca_file": str(Path(ca_file).resolve()) if ca_file else None},

@@ -1,0 +1,51 @@
+"""Federation end to end: edge and basestation processes over a real Mosquitto with per-device logins."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_bad_configs_are_one_clear_line(federation, spawn, qfl_command) -> None:
+    """qfl edge/basestation reject a bad config with one clear line and exit status 2."""
+    fed = federation(devices=1)
+    bad = fed.root / "bad.toml"
+    bad.write_text('device_id = "dev 1"\n')
+    proc = spawn([*qfl_command, "edge", "run", "--config", str(bad)], name="bad-edge")
+    assert proc.wait(30) == 2
+    assert "device_id must be 1-64 characters" in proc.log_path.read_text()
+    proc = fed.start_basestation(**{"training.strategy": "krum"})
+    assert proc.wait(30) == 2
+    assert "unknown strategy 'krum'" in proc.log_path.read_text()
+
+
+@pytest.mark.slow
+def test_four_edges_complete_five_rounds(federation) -> None:
+    fed = federation(devices=4)
+    edges = [fed.start_edge(i) for i in range(4)]
+    bs = fed.start_basestation()
+    assert bs.wait(120) == 0, bs.log_path.read_text()[-3000:]
+    for edge in edges:  # the finished plan ends every device by itself
+        assert edge.wait(30) == 0, edge.log_path.read_text()[-3000:]
+    with fed.store() as store:
+        rounds = store.rounds("exp1")
+        assert [(r.round, r.status, len(r.selected)) for r in rounds] == [(k, "aggregated", 4) for k in range(1, 6)]
+        accuracy = [r.accuracy for r in rounds]
+        assert accuracy[-1] > accuracy[0] + 0.1 and accuracy[-1] > 0.5, accuracy
+        updates = store.updates("exp1")
+        assert sorted((u.round, u.device) for u in updates) == sorted(
+            (r, d) for r in range(1, 6) for d in fed.devices)
+        assert all(u.status == "aggregated" and not u.has_payload for u in updates)
+        reports = store.energy_reports("exp1")
+        assert sorted((e["round"], e["device"]) for e in reports) == sorted(
+            (r, d) for r in range(1, 6) for d in fed.devices)
+        assert all(e["meter"] is None and e["n"] == 8 and e["iterations"] == 20 for e in reports)
+        assert [d.device for d in store.devices("exp1")] == fed.devices
+        assert [d.policy for d in store.decisions("exp1")] == ["fixed"] * 5
+        assert store.rejection_counts("exp1") == {}
+        assert store.experiment("exp1").status == "finished"
+    status = json.loads(fed.status_path.read_text())
+    assert status["state"] == "finished" and status["rounds_aggregated"] == 5 and status["updates"] == 20
+    for dev in fed.devices:  # every update and report was acknowledged, so every spool is empty
+        assert not list((fed.root / "spool" / dev).glob("*.msg"))
