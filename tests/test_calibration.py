@@ -1,4 +1,5 @@
-"""Calibration of the testbed energy model from measured energy records."""
+"""Calibration from measurements: the testbed energy model from energy records, the bound's constants from
+training statistics."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import pytest
 
 from basestation.energy import testbed_model
 from basestation.energy.calibration import INSUFFICIENT, Calibration, calibrate, fit_compute, fit_uplink
-from basestation.energy.records import EnergyRecord
+from basestation.energy.convergence import (compare_rounds, estimate_constants, fit_loss_curve, loss_curve,
+                                            smoothness_from_secants)
+from basestation.energy.kim2022 import ConvergenceConstants
+from basestation.energy.records import EnergyRecord, RoundStats
 from models import counts, get_architecture
 
 MACS = counts(get_architecture("mlp")).macs
@@ -150,3 +154,78 @@ def test_calibrate_checks_its_inputs():
         calibrate([], macs_per_sample=0)
     with pytest.raises(TypeError, match="EnergyRecord"):
         calibrate([{"device": "a"}], macs_per_sample=MACS)
+
+
+# --- convergence constants from device statistics -----------------------------------------------------------
+
+LAMBDA = np.geomspace(0.1, 2.0, 20)          # a quadratic with mu = 0.1 and L = 2
+PRIOR = ConvergenceConstants(L=1.0, mu=0.05, G=1.0, Gamma=0.0, rho=10.0, sigma=(1.0,) * 4, sampling=(0.25,) * 4)
+
+
+def quadratic_run(rounds: int = 40, lr: float = 0.3, variances=(0.5, 1.0, 1.5, 2.0), seed: int = 0):
+    """Gradient descent on F(w) = w' diag(LAMBDA) w / 2 by 4 identical devices (I = 1), reporting their statistics."""
+    w = np.random.default_rng(seed).normal(0.0, 1.0, LAMBDA.size)
+    stats, models, grads = [], [], []
+    for r in range(rounds):
+        g = LAMBDA * w
+        models.append(w.copy())
+        grads.append(g)
+        for k, var in enumerate(variances):
+            stats.append(RoundStats(device=f"d{k}", round=r, loss=float(0.5 * np.sum(LAMBDA * w * w)),
+                                    grad_sq_norm=float(g @ g + var), grad_variance=var, samples=100, local_iters=1,
+                                    lr=lr))
+        w = w - lr * g
+    return stats, models, grads
+
+
+def test_constants_from_statistics_of_a_known_quadratic():
+    stats, models, grads = quadratic_run()
+    est = estimate_constants(stats, prior=PRIOR, secants=(models, grads))
+    c = est.constants
+    assert 0.6 * 2.0 <= c.L <= 2.0 * (1 + 1e-9)                # secants never exceed the true L
+    assert 0.1 <= c.mu <= 0.25                                # the PL ratio never falls below the true mu
+    assert c.G ** 2 == pytest.approx(float(np.quantile([s.grad_sq_norm for s in stats], 0.95)))
+    assert c.sigma == pytest.approx(tuple(np.sqrt([0.5, 1.0, 1.5, 2.0])))
+    assert est.f_star == pytest.approx(0.0, abs=1e-3) and c.Gamma == pytest.approx(0.0, abs=1e-3)
+    assert c.rho == PRIOR.rho and "prior" in est.sources["rho"]
+    assert est.sources["L"].startswith("gradient secants")
+    assert json.loads(json.dumps(est.to_dict()))["rounds_used"] == 40
+
+
+def test_smoothness_from_the_loss_decrease_without_secants():
+    stats, _, _ = quadratic_run(variances=(0.0, 0.0, 0.0, 0.0))
+    est = estimate_constants(stats, prior=PRIOR)
+    assert est.sources["L"].startswith("descent-lemma")
+    assert 0.5 <= est.constants.L <= 2.0 * (1 + 1e-6)
+
+
+def test_few_rounds_fall_back_to_the_prior():
+    stats, _, _ = quadratic_run(rounds=2)
+    est = estimate_constants(stats, prior=PRIOR)
+    assert est.constants.mu == PRIOR.mu and "fewer than 3 rounds" in est.sources["mu"]
+    assert estimate_constants([], prior=PRIOR, devices=["a", "b", "c", "d"]).constants.sigma == PRIOR.sigma
+    with pytest.raises(ValueError, match="two or more models"):
+        smoothness_from_secants([np.zeros(3)], [np.zeros(3)])
+
+
+def test_loss_curve_fit_and_rounds_predicted_against_observed():
+    f_star, scale, iters = 0.2, 30.0, 5
+    stats = [RoundStats(device=d, round=r, loss=f_star + scale / (iters * r + 1.0), grad_sq_norm=1.0,
+                        grad_variance=0.1, samples=50, local_iters=iters) for r in range(60) for d in ("a", "b")]
+    curve = loss_curve(stats)
+    assert fit_loss_curve(curve) == pytest.approx((f_star, scale), rel=1e-6)
+    est = estimate_constants(stats, prior=PRIOR, devices=["a", "b"])
+    target = 0.35
+    cmp = compare_rounds(est, d=100, curve=curve, target=target, local_iters=iters, devices=2, m=16, n=16)
+    expected = int(np.ceil((scale / (target - f_star) - 1.0) / iters))
+    assert cmp.observed == expected
+    assert cmp.predicted_curve == pytest.approx(expected, abs=1.0)
+    assert cmp.epsilon == pytest.approx(target - f_star, rel=1e-6)
+    assert cmp.predicted_bound is not None and cmp.predicted_bound > 0
+    assert cmp.ratio == pytest.approx(cmp.predicted_bound / cmp.observed)
+    by_accuracy = compare_rounds(est, d=100, curve=curve, target=0.9, local_iters=iters, devices=2, m=16, n=16,
+                                 accuracy=[(r, 0.5 + r / 100) for r in range(60)])
+    assert by_accuracy.kind == "accuracy" and by_accuracy.observed == 40
+    assert by_accuracy.epsilon == pytest.approx(scale / (iters * 40 + 1.0), rel=1e-6)
+    unreachable = compare_rounds(est, d=100, curve=curve, target=0.1, local_iters=iters, devices=2, m=16, n=16)
+    assert unreachable.observed is None and unreachable.predicted_bound is None

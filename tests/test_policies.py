@@ -112,7 +112,7 @@ def test_measured_policy_can_give_each_device_its_own_m():
     cheap = TRUTH
     costly = testbed_model.DeviceEnergyParams(**{**TRUTH.to_dict(), "joules_per_bit": 2e-6, "train_table": {}})
     fleet = testbed_model.TestbedEnergy(COUNTS, {**{n: cheap for n in NAMES[:3]}, **{n: costly for n in NAMES[3:]}})
-    policy = new_policy(per_device_m=True, tuning=LoopTuning(min_device_records=5))
+    policy = new_policy(per_device_m=True, min_device_records=5)
     decisions = run_loop(policy, fleet, 12, noise=0.02, seed=3)
     last = decisions[-1]
     assert last.m_per_device is not None
@@ -148,8 +148,12 @@ def test_build_policy_from_configuration():
     d = model.decide(0, [])
     assert 1 <= d.m <= 32 and model.problem.devices == 5
     measured = build_policy("measured", devices=NAMES, local_iters=1, devices_per_round=5,
-                            tuning=LoopTuning(samples=50))
+                            samples=50, prior={"fixed_j": 1e-4, "joules_per_mac": 1e-9, "alpha": 1.0,
+                                                       "joules_per_bit": 1e-7, "joules_per_message": 1e-3},
+                            convergence={"L": 2.0, "mu": 0.01, "G": 1.0, "Gamma": 0.0, "rho": 100.0, "sigma": 0.5})
     assert isinstance(measured, MeasuredPolicy) and measured.tuning.samples == 50
+    assert measured.prior.alpha == 1.0 and measured.convergence.sigma == (0.5,) * 5
+    assert measured.decide(0, []).explore
     with pytest.raises(ValueError, match="needs n and m"):
         build_policy("fixed", devices=NAMES, local_iters=1, devices_per_round=5)
     with pytest.raises(ValueError, match="unknown precision policy 'greedy'"):
@@ -162,4 +166,6 @@ def test_measured_policy_checks_its_configuration():
     with pytest.raises(ValueError, match="distinct names"):
         new_policy(devices=["a", "a"])
     with pytest.raises(ValueError, match="hysteresis must be a fraction"):
-        LoopTuning(hysteresis=2.0)
+        new_policy(hysteresis=2.0)
+    with pytest.raises(ValueError, match="min_device_records must be a non-negative integer"):
+        LoopTuning(min_device_records=-1)

@@ -187,7 +187,11 @@ def psi1(n: ArrayLike, d: int, c: ConvergenceConstants) -> np.ndarray:
 
 
 def psi2(local_iters: ArrayLike, devices: ArrayLike, m: ArrayLike, d: int, c: ConvergenceConstants) -> np.ndarray:
-    """Psi2(I, K, m): the variance terms (sampling, local drift, uplink quantization, partial participation, heterogeneity)."""
+    """Psi2(I, K, m): the variance terms of the bound.
+
+    In order: device sampling, local drift over I iterations, uplink
+    quantization, partial participation and data heterogeneity.
+    """
     i = np.asarray(local_iters, dtype=float)
     k = np.asarray(devices, dtype=float)
     q = c.sampling_probabilities()

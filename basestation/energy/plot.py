@@ -14,7 +14,7 @@ from basestation.energy.problem import Setting
 
 def plot_precision(curve: Sequence[Setting], path: str | Path, *, optimum: Setting, baseline: Setting,
                    title: str) -> None:
-    """Write a two-panel PNG: energy (log scale) and rounds of ``curve`` against n, with the optimum and baseline marked.
+    """Write a two-panel PNG: energy (log scale) and rounds of ``curve`` against n, optimum and baseline marked.
 
     ``curve`` holds one setting per training precision (for the joint search,
     the best (I, K, m) at each n).

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -185,7 +185,7 @@ class ModelPolicy:
 
 @dataclass(frozen=True)
 class LoopTuning:
-    """The knobs of ``MeasuredPolicy`` (see its docstring for how each is used).
+    """The tuning keywords of ``MeasuredPolicy``, checked in one place (see its docstring for how each is used).
 
     ``hysteresis``: smallest predicted saving worth a switch, and the
     tolerance of "near-optimal"; ``confidence``: share of draws in which a
@@ -249,8 +249,10 @@ class MeasuredPolicy:
     def __init__(self, *, model: str = "mlp", devices: Sequence[str], epsilon: float, local_iters: int,
                  devices_per_round: int, batch_size: int = 32, messages: int = 1,
                  convergence: ConvergenceConstants | None = None, prior: DeviceEnergyParams = PI4_DEFAULTS,
-                 tuning: LoopTuning | None = None, per_device_m: bool = False, refit_convergence: bool = False,
-                 seed: int = 0) -> None:
+                 hysteresis: float = 0.01, confidence: float = 0.8, switch_confidence: float = 0.95,
+                 relapse: float = 0.5, samples: int = 200, explore_step: int = 1, max_explore: int = 8,
+                 alpha_prior_sd: float = 0.5, min_distinct: int = 3, min_device_records: int = 10,
+                 per_device_m: bool = False, refit_convergence: bool = False, seed: int = 0) -> None:
         from models import counts, get_architecture
 
         self.devices = list(devices)
@@ -271,7 +273,10 @@ class MeasuredPolicy:
             raise ValueError(f"convergence constants describe {self.convergence.devices} devices, "
                              f"but {len(self.devices)} device names were given")
         self.prior = prior
-        self.tuning = tuning if tuning is not None else LoopTuning()
+        self.tuning = LoopTuning(hysteresis=hysteresis, confidence=confidence, switch_confidence=switch_confidence,
+                                 relapse=relapse, samples=samples, explore_step=explore_step, max_explore=max_explore,
+                                 alpha_prior_sd=alpha_prior_sd, min_distinct=min_distinct,
+                                 min_device_records=min_device_records)
         self.per_device_m, self.refit_convergence, self.seed = per_device_m, refit_convergence, seed
         self.last_calibration: Calibration | None = None
         self._incumbent: tuple[int, int] | None = None
@@ -471,7 +476,10 @@ def build_policy(name: str, *, devices: Sequence[str], local_iters: int, devices
 
     ``fixed`` needs ``n`` and ``m``; ``model`` solves the ``testbed`` preset
     for ``model`` with one entry per device (``preset="kim2022"`` for the
-    paper's); ``measured`` passes ``options`` to ``MeasuredPolicy``.
+    paper's); ``measured`` passes ``options`` to ``MeasuredPolicy``, where
+    ``prior`` may be a mapping of ``DeviceEnergyParams`` fields and
+    ``convergence`` a mapping of L, mu, G, Gamma, rho and sigma (one value or
+    one per device), as a TOML file gives them.
 
         >>> build_policy("fixed", devices=["pi-0"], local_iters=1, devices_per_round=1, n=8, m=8).decide(0, []).n
         8
@@ -490,6 +498,10 @@ def build_policy(name: str, *, devices: Sequence[str], local_iters: int, devices
         return ModelPolicy(preset.problem(epsilon), local_iters=local_iters, devices_per_round=devices_per_round,
                            mode=mode, per_device_m=per_device_m)
     if name == "measured":
+        if isinstance(options.get("prior"), Mapping):
+            options["prior"] = DeviceEnergyParams(**options["prior"])
+        if isinstance(options.get("convergence"), Mapping):
+            options["convergence"] = _convergence_from_mapping(options["convergence"], len(devices))
         return MeasuredPolicy(model=model, devices=devices, epsilon=epsilon, local_iters=local_iters,
                               devices_per_round=devices_per_round, **options)
     raise ValueError(f"unknown precision policy {name!r}; choose one of: fixed, model, measured")
@@ -564,6 +576,17 @@ def _calibration_summary(cal: Calibration) -> dict[str, Any]:
 
 def _constants_summary(c: ConvergenceConstants) -> dict[str, Any]:
     return {"L": c.L, "mu": c.mu, "G": c.G, "Gamma": c.Gamma, "rho": c.rho, "sigma": list(c.sigma)}
+
+
+def _convergence_from_mapping(data: Mapping[str, Any], devices: int) -> ConvergenceConstants:
+    values = dict(data)
+    sigma = values.pop("sigma", TESTBED_CONVERGENCE["sigma"])
+    sigma = tuple(float(s) for s in sigma) if isinstance(sigma, (list, tuple)) else tuple([float(sigma)] * devices)
+    values.setdefault("sampling", tuple([1.0 / devices] * devices))
+    try:
+        return ConvergenceConstants(sigma=sigma, **values)
+    except TypeError as exc:
+        raise ValueError(f"convergence options: {exc}; expected L, mu, G, Gamma, rho, sigma") from None
 
 
 def _testbed_convergence(devices: int) -> ConvergenceConstants:
