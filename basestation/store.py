@@ -321,7 +321,9 @@ class Store:
             raise ValueError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0)
+        # One thread at a time, but not necessarily the one that opened it (a service built in one
+        # thread and run in another).
+        self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0, check_same_thread=False)
         self._depth = 0
         try:
             self._db.execute("PRAGMA journal_mode=WAL")

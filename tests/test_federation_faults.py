@@ -118,3 +118,28 @@ def test_basestation_killed_mid_round_resumes_without_double_counting(federation
         np.testing.assert_array_equal(result["0.bias"], expected["0.bias"])
     for edge in edges:
         assert edge.wait(30) == 0
+
+
+@pytest.mark.slow
+def test_edge_restart_resends_its_unacknowledged_update(federation) -> None:
+    fed = federation(devices=2, **{"rounds": 2, "training.iterations": LONG // 4, "round.deadline_seconds": 60.0})
+    edges = [fed.start_edge(i) for i in range(2)]
+    bs = fed.start_basestation()
+    fed.wait_until(lambda: open_round(fed) == 1, 60, "round 1 to open", (bs, *edges))
+    bs.send_signal(signal.SIGSTOP)  # no acks for now
+    spool = fed.root / "spool" / fed.devices[0]
+    try:
+        fed.wait_until(lambda: len(list(spool.glob("*.msg"))) == 2, 30, "device 0 to spool its update and report",
+                       (edges[0],))
+        edges[0].send_signal(signal.SIGKILL)
+        edges[0].wait(10)
+    finally:
+        bs.send_signal(signal.SIGCONT)
+    edges[0] = fed.start_edge(0)
+    assert bs.wait(120) == 0, bs.log_path.read_text()[-3000:]
+    assert edges[0].wait(30) == 0
+    assert "re-sent 2 unacknowledged message(s) from the spool" in edges[0].log_path.read_text()
+    assert not list(spool.glob("*.msg"))
+    rounds = fed.rounds()
+    assert [(r.status, r.accepted) for r in rounds] == [("aggregated", 2)] * 2
+    assert updates_of(fed, 1) == fed.devices

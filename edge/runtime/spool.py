@@ -87,7 +87,7 @@ class Spool:
                 stale.unlink()
         except OSError as exc:
             raise SpoolError(f"cannot use spool directory {self.directory}: {exc}") from exc
-        self._seq = max((e.seq for e in self._scan()), default=0)
+        self._seq = max((seq for seq, *_ in self._scan()), default=0)
 
     def _scan(self) -> list[tuple[int, str, int, str, Path]]:
         out = []
