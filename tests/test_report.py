@@ -316,7 +316,7 @@ def test_unique_names_natural_order_and_large_run_renders(tmp_path: Path) -> Non
 
 # ---- reading a run directory: a real SQLite store, ground-truth logs, the command ----
 
-T0 = 1_700_000_000.0
+T0 = 5000.0                       # host time.monotonic() when the run starts
 STEP = 0.05                       # ground-truth sample period (s)
 IDLE_W = 2.0
 TRUE_DEVICE = {"fixed_j": 2e-3, "joules_per_mac": 6e-10, "alpha": 1.0, "joules_per_bit": 3e-8,
@@ -330,8 +330,8 @@ def _tick(k: int) -> float:
 
 
 def write_run_dir(root: Path, *, rounds: int = 6, devices: tuple[str, ...] = ("pi-0", "pi-1"), seed: int = 0,
-                  precisions: tuple[int, ...] = (32, 16, 8, 12, 8, 8), truth: bool = True,
-                  abandon: tuple[int, ...] = ()) -> dict:
+                  precisions: tuple[int, ...] = (32, 16, 8, 12, 8, 8), truth: bool = True, times: bool = True,
+                  abandon: tuple[int, ...] = (), plan_model: str = "mlp") -> dict:
     """A run directory as the testbed leaves it, written through the real store; returns what went in."""
     from basestation.energy.calibration import calibrate
     from basestation.energy.records import EnergyRecord as FitRecord
@@ -352,7 +352,7 @@ def write_run_dir(root: Path, *, rounds: int = 6, devices: tuple[str, ...] = ("p
         for r in range(1, rounds + 1):
             n = m = precisions[(r - 1) % len(precisions)]
             plan = {"experiment": "exp1", "round": r, "selected": list(devices), "n": n, "m": m,
-                    "iterations": ITERATIONS, "batch_size": BATCH, "model": "mlp", "lr": 0.1}
+                    "iterations": ITERATIONS, "batch_size": BATCH, "model": plan_model, "lr": 0.1}
             store.open_round("exp1", r, selected=list(devices), n=n, m=m, deadline=_tick(k) + 60,
                              quorum=len(devices), model_hash=f"h{r}", plan=plan, now=_tick(k))
             opened = _tick(k)
@@ -367,12 +367,16 @@ def write_run_dir(root: Path, *, rounds: int = 6, devices: tuple[str, ...] = ("p
                     watts = IDLE_W + true_above[phase] / (ticks * STEP)
                     for j in range(start - 2, end + 3):     # idle around the phase, phase power on [start, end]
                         traces[d].append((_tick(j), watts if start <= j <= end else IDLE_W))
-                    true_j = watts * ticks * STEP
-                    joules = true_j * (1 + READER_ERROR)
-                    phases[phase] = {"joules": joules, "joules_above_idle": joules - IDLE_W * ticks * STEP,
-                                     "seconds": ticks * STEP, "samples": ticks * 2, "gap_seconds": 0.0,
-                                     "partial": False, "uncertainty_j": 0.001,
-                                     "started_at": _tick(start), "ended_at": _tick(end)}
+                    # pi-1 misses 4 samples of its round-2 training: the reader leaves that energy out
+                    gap = (start + 10, start + 14) if (d, r, phase) == ("pi-1", 2, "train") else None
+                    covered = (ticks - (gap[1] - gap[0] if gap else 0)) * STEP
+                    joules = watts * covered * (1 + READER_ERROR)
+                    phases[phase] = {"joules": joules, "joules_above_idle": joules - IDLE_W * covered,
+                                     "seconds": ticks * STEP, "samples": ticks * 2, "partial": gap is not None,
+                                     "gap_seconds": ticks * STEP - covered, "uncertainty_j": 0.001}
+                    if times:
+                        phases[phase].update(start=_tick(start), end=_tick(end),
+                                             gaps=[[_tick(gap[0]), _tick(gap[1])]] if gap else [])
                     stored_joules.append(joules)
                     k = end + 5
                 store.add_update("exp1", device=d, round_=r, nonce=f"u-{d}-{r}", digest="0" * 64, samples=100,
@@ -397,7 +401,8 @@ def write_run_dir(root: Path, *, rounds: int = 6, devices: tuple[str, ...] = ("p
         folder = root / "ground-truth"
         folder.mkdir()
         for d, rows in traces.items():
-            lines = ["wall_time_s,power_w"] + [f"{t!r},{p!r}" for t, p in rows]
+            lines = ["host_monotonic_s,meter_s,power_w,current_a,voltage_v"] + [
+                f"{t!r},{t - T0!r},{p!r},{p / 5.1!r},5.1" for t, p in rows]
             (folder / f"{d}.csv").write_text("\n".join(lines) + "\n")
     return {"joules": stored_joules, "size": size}
 
@@ -461,14 +466,60 @@ def test_modelled_energy_before_and_after_calibration(run_dir) -> None:
     assert late < 10.0 < overall.mape_model
 
 
-def test_ground_truth_is_integrated_over_the_measured_phases(run_dir) -> None:
+def test_ground_truth_is_integrated_over_the_measured_phases_without_their_gaps(run_dir) -> None:
     from basestation.report import load_run
 
     root, _ = run_dir
     run = load_run(root)
     assert sorted(run.ground_truth_j) == ["pi-0", "pi-1"]
+    assert sum(e.partial for e in run.energy) == 1
     for row in metrics.ground_truth_agreement(run):
         assert row.difference_pct == pytest.approx(READER_ERROR * 100, abs=1e-6)
+
+
+def test_ground_truth_needs_phase_times_and_a_covering_log(tmp_path: Path) -> None:
+    from basestation.report import load_run
+
+    write_run_dir(tmp_path / "untimed", rounds=2, times=False)
+    run = load_run(tmp_path / "untimed")
+    assert run.ground_truth_j is None
+    assert any("4 of the 4 measured phases of pi-0 carry no start and end times" in n for n in run.notes)
+
+    write_run_dir(tmp_path / "short", rounds=2)
+    log = tmp_path / "short" / "ground-truth" / "pi-1.csv"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[: len(lines) // 2]) + "\n")          # the emulator died half-way
+    run = load_run(tmp_path / "short")
+    assert sorted(run.ground_truth_j) == ["pi-0"]
+    assert any("ground-truth log of pi-1 does not cover 2 of its 4 measured phases" in n for n in run.notes)
+
+    (tmp_path / "short" / "ground-truth" / "pi-0.csv").write_text("time,watts\n1,2\n")
+    with pytest.raises(ReportError, match="cannot read the ground-truth log .*pi-0.csv"):
+        load_run(tmp_path / "short")
+
+
+def test_abandoned_rounds_unknown_models_and_experiment_choice(tmp_path: Path) -> None:
+    from basestation.report import load_run
+    from basestation.store import Store
+
+    given = write_run_dir(tmp_path / "r", rounds=4, abandon=(2,), plan_model="resnet-9000", truth=False)
+    run = load_run(tmp_path / "r")
+    assert [r.round for r in run.rounds] == [1, 3, 4]
+    assert metrics.total_measured_j(run) == pytest.approx(math.fsum(given["joules"]), rel=1e-12)
+    assert metrics.cumulative_energy(run)[1][1] == pytest.approx(math.fsum(given["joules"][:12]), rel=1e-12)
+    assert any("produced no model" in n and "2 (abandoned)" in n for n in run.notes)
+    assert any(n.startswith("16 energy phase(s) could not be modelled: unknown model 'resnet-9000'") for n in run.notes)
+    assert all(e.model_joules is None for e in run.energy)
+
+    with Store(tmp_path / "r" / "basestation.sqlite") as store:
+        store.create_experiment("exp2", {"model": "cnn"})
+    (tmp_path / "r" / "summary.json").unlink()
+    (tmp_path / "r" / "config.toml").unlink()
+    with pytest.raises(ReportError, match=r"holds 2 experiments \(exp1, exp2\); name one"):
+        load_run(tmp_path / "r")
+    assert load_run(tmp_path / "r", experiment="exp2").rounds == []
+    with pytest.raises(ReportError, match="has no experiment 'exp3'; it has: exp1, exp2"):
+        load_run(tmp_path / "r", experiment="exp3")
 
 
 def test_qfl_report_command_on_a_run_directory(run_dir, capsys: pytest.CaptureFixture) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from basestation.report.data import EnergyRecord, ReportError, RoundRecord, RunData
 from basestation.report.predict import PlanFacts, predict_phase
-from basestation.report.truth import PhaseWindow, find_ground_truth, ground_truth_energy
+from basestation.report.truth import PhaseWindow, find_ground_truth, ground_truth_energy, phase_windows
 
 STORE_PATTERNS = ("*.sqlite", "*.sqlite3", "*.db")
 
@@ -162,20 +162,23 @@ def _contents(store: Any, record: Any) -> StoreContents:
 
     energy = []
     unusable = 0
+    unmodelled: dict[str, int] = {}
     for e in store.energy(experiment):
         if e.joules is None or not math.isfinite(e.joules):
             unusable += 1
             continue
         try:
-            model_j, calibrated_j = predict_phase(e.device, e.round, e.phase, plans, fits, sent.get((e.device, e.round)))
+            model_j, calibrated_j = predict_phase(e.device, e.round, e.phase, plans, fits,
+                                                  sent.get((e.device, e.round)))
         except ValueError as exc:      # an architecture or fit the energy model cannot evaluate
-            notes.append(f"No modelled energy for {e.device} round {e.round} {e.phase}: {exc}")
+            unmodelled[str(exc)] = unmodelled.get(str(exc), 0) + 1
             model_j = calibrated_j = None
         energy.append(EnergyRecord(
             device=e.device, round=e.round, phase=e.phase, joules=float(e.joules),
             joules_above_idle=float(e.joules_above_idle) if e.joules_above_idle is not None else math.nan,
             seconds=float(e.seconds) if e.seconds is not None else math.nan, samples=int(e.samples or 0),
             partial=bool(e.partial), model_joules=model_j, calibrated_joules=calibrated_j))
+    notes += [f"{count} energy phase(s) could not be modelled: {why}" for why, count in unmodelled.items()]
     if unusable:
         notes.append(f"{unusable} stored energy phase(s) carry no energy figure and are left out.")
     if stored_rounds and not plans:
@@ -185,7 +188,7 @@ def _contents(store: Any, record: Any) -> StoreContents:
     decisions = [_decision(d) for d in store.decisions(experiment)]
     kept = {(e.device, e.round, e.phase) for e in energy}
     windows = [w for device, round_ in sorted({(e.device, e.round) for e in energy})
-               for w in _windows(device, round_, store.energy_report(experiment, device, round_) or {})
+               for w in phase_windows(device, round_, store.energy_report(experiment, device, round_) or {})
                if (w.device, w.round, w.phase) in kept]
     return StoreContents(experiment, dict(record.config), rounds, energy, decisions, windows, notes)
 
@@ -214,22 +217,6 @@ def _decision(d: Any) -> dict:
         if isinstance(value, (str, int, float, bool)) and key not in row:
             row[key] = value
     return row
-
-
-def _windows(device: str, round_: int, report: dict) -> list[PhaseWindow]:
-    """The wall-clock intervals of a raw energy report's phases (those that carry start and end times)."""
-    meter = report.get("meter")
-    phases = meter.get("phases") if isinstance(meter, dict) else None
-    if not isinstance(phases, dict):
-        return []
-    out = []
-    for phase, figures in phases.items():
-        if not isinstance(figures, dict):
-            continue
-        start, end = figures.get("started_at"), figures.get("ended_at")
-        if isinstance(start, (int, float)) and isinstance(end, (int, float)) and end >= start:
-            out.append(PhaseWindow(device, round_, str(phase), float(start), float(end)))
-    return out
 
 
 def _ground_truth(run_dir: Path, summary: dict, contents: StoreContents) -> tuple[dict[str, float] | None, list[str]]:

@@ -1,100 +1,60 @@
-"""The emulated meters' ground truth: the power each emulator really simulated, integrated over the phases.
+"""The emulated meters' ground truth, integrated over exactly the phases the devices measured.
 
 Each meter emulator (``qfl meter emulate --ground-truth FILE.csv``) logs the
-board power it computed, one row per sample with the host's wall-clock time.
-The report integrates that power (trapezoid rule, interpolated at the edges)
-over the same wall-clock intervals the device's meter reader measured, so the
-two numbers describe the same energy and their difference is the reader's
-error (sampling, clock alignment, register quantization).
+true board power it simulated against the host's ``time.monotonic()``
+(``firmware_tools.emulator.truth``). A device's energy report gives each
+phase's ``start`` and ``end`` on that same clock and the ``gaps`` the meter
+missed, whose energy the measured figure leaves out. Integrating the true
+power over the phase minus its gaps therefore gives the number the measured
+joules should equal; the difference is the meter reader's error (sampling,
+clock alignment, register quantization).
 
-    >>> trace = read_trace(Path("runs/x/ground-truth/pi-0.csv"))
-    >>> energy_between(trace, 1700000000.0, 1700000002.5)      # joules in those 2.5 s
+    >>> logs = find_ground_truth(Path("runs/x"), summary={})      # {"pi-0": Path("runs/x/ground-truth/pi-0.csv")}
+    >>> truth, notes = ground_truth_energy(logs, windows, {"pi-0": 24})
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from basestation.report.data import ReportError
-
-TIME_COLUMNS = ("wall_time_s", "time_s", "unix_time", "timestamp", "t")
-POWER_COLUMNS = ("power_w", "watts", "p_w")
 
 
 @dataclass(frozen=True)
 class PhaseWindow:
-    """A measured phase of one device as a wall-clock interval (seconds since the epoch)."""
+    """A measured phase of one device on the host's monotonic clock, with the stretches it has no data for."""
 
     device: str
     round: int
     phase: str
     start: float
     end: float
+    gaps: tuple[tuple[float, float], ...] = ()
 
 
-@dataclass(frozen=True)
-class Trace:
-    """A power log: times in seconds (increasing) and watts."""
-
-    times: np.ndarray
-    watts: np.ndarray
-
-
-def read_trace(path: Path) -> Trace:
-    """Read a ground-truth CSV (a header naming a time and a power column; see ``TIME_COLUMNS``)."""
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            header = [h.strip().lower() for h in next(reader, [])]
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ReportError(f"ground-truth log {path} is not readable CSV: {exc}") from None
-    t_col = next((header.index(c) for c in TIME_COLUMNS if c in header), None)
-    p_col = next((header.index(c) for c in POWER_COLUMNS if c in header), None)
-    if t_col is None or p_col is None:
-        raise ReportError(f"ground-truth log {path} needs a time column ({' or '.join(TIME_COLUMNS)}) and a "
-                          f"power column ({' or '.join(POWER_COLUMNS)}); its header is {','.join(header)!r}")
-    times, watts = [], []
-    for number, row in enumerate(rows, start=2):
-        if not row:
+def phase_windows(device: str, round_: int, report: dict) -> list[PhaseWindow]:
+    """The windows of a raw energy report's phases (``meter.phases.<name>`` with ``start`` and ``end``)."""
+    meter = report.get("meter")
+    phases = meter.get("phases") if isinstance(meter, dict) else None
+    if not isinstance(phases, dict):
+        return []
+    out = []
+    for phase, figures in phases.items():
+        if not isinstance(figures, dict):
             continue
-        try:
-            t, p = float(row[t_col]), float(row[p_col])
-        except (IndexError, ValueError):
-            raise ReportError(f"ground-truth log {path} line {number}: expected numbers in columns "
-                              f"{header[t_col]!r} and {header[p_col]!r}, got {row!r}") from None
-        if math.isfinite(t) and math.isfinite(p):
-            times.append(t)
-            watts.append(p)
-    order = np.argsort(np.asarray(times), kind="stable")
-    return Trace(np.asarray(times, dtype=float)[order], np.asarray(watts, dtype=float)[order])
+        start, end = figures.get("start"), figures.get("end")
+        if not (_number(start) and _number(end) and end >= start):
+            continue
+        gaps = tuple((float(g[0]), float(g[1])) for g in figures.get("gaps") or ()
+                     if isinstance(g, (list, tuple)) and len(g) == 2 and _number(g[0]) and _number(g[1]))
+        out.append(PhaseWindow(device, round_, str(phase), float(start), float(end), gaps))
+    return out
 
 
-def energy_between(trace: Trace, start: float, end: float) -> float:
-    """Joules in ``[start, end]``: trapezoid rule on the samples, power interpolated at both edges.
-
-    Only the part of the interval the log covers counts.
-    """
-    t, p = trace.times, trace.watts
-    if len(t) < 2 or end <= start:
-        return 0.0
-    lo, hi = max(start, t[0]), min(end, t[-1])
-    if hi <= lo:
-        return 0.0
-    inside = (t > lo) & (t < hi)
-    ts = np.concatenate(([lo], t[inside], [hi]))
-    ps = np.interp(ts, t, p)
-    return float(np.sum((ps[1:] + ps[:-1]) * np.diff(ts)) / 2.0)
-
-
-def covered(trace: Trace, window: PhaseWindow) -> bool:
-    """True when the log spans the whole window."""
-    return len(trace.times) >= 2 and trace.times[0] <= window.start and window.end <= trace.times[-1]
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def find_ground_truth(run_dir: Path, summary: dict) -> dict[str, Path]:
@@ -110,33 +70,39 @@ def find_ground_truth(run_dir: Path, summary: dict) -> dict[str, Path]:
 
 def ground_truth_energy(logs: dict[str, Path], windows: list[PhaseWindow],
                         measured_phases: dict[str, int]) -> tuple[dict[str, float] | None, list[str]]:
-    """Per device, the ground-truth joules over that device's measured phase windows, and notes.
+    """Per device, the true joules over that device's measured phase windows (gaps left out), and notes.
 
     ``measured_phases`` counts the energy phases the report holds per device;
     a device is compared only when every one of them has a window. A device
     whose log is missing, whose phases lack times, or whose log does not
     cover them all is left out with a note saying why.
     """
+    from firmware_tools.emulator.truth import read_ground_truth, truth_energy
+
     notes: list[str] = []
     by_device: dict[str, list[PhaseWindow]] = {}
     for w in windows:
         by_device.setdefault(w.device, []).append(w)
     result: dict[str, float] = {}
     for device, path in sorted(logs.items()):
+        expected = measured_phases.get(device, 0)
+        mine = by_device.get(device, [])
         if not path.is_file():
             notes.append(f"The ground-truth log of {device} ({path}) does not exist.")
             continue
-        mine = by_device.get(device, [])
-        if len(mine) < measured_phases.get(device, 0) or not mine:
-            notes.append(f"{measured_phases.get(device, 0) - len(mine)} of the {measured_phases.get(device, 0)} "
-                         f"measured phases of {device} carry no start and end times, so its ground-truth log "
-                         "cannot be matched to them.")
+        if not mine or len(mine) < expected:
+            notes.append(f"{expected - len(mine)} of the {expected} measured phases of {device} carry no start and "
+                         "end times, so its ground-truth log cannot be matched to them.")
             continue
-        trace = read_trace(path)
-        short = [w for w in mine if not covered(trace, w)]
+        try:
+            truth = read_ground_truth(path)
+        except (OSError, ValueError) as exc:
+            raise ReportError(f"cannot read the ground-truth log {path}: {exc}") from None
+        times = truth["host_monotonic_s"]
+        short = [w for w in mine if len(times) < 2 or w.start < times[0] or w.end > times[-1]]
         if short:
             notes.append(f"The ground-truth log of {device} does not cover {len(short)} of its {len(mine)} "
-                         "measured phases; its comparison is left out.")
+                         "measured phases; the device is left out of the comparison.")
             continue
-        result[device] = math.fsum(energy_between(trace, w.start, w.end) for w in mine)
+        result[device] = math.fsum(truth_energy(truth, w.start, w.end, exclude=w.gaps) for w in mine)
     return (result if result else None), notes
