@@ -120,6 +120,7 @@ class Meter:
         self.overruns = 0
         self.max_rate_hz = max_rate_hz
         self._pending = ""
+        self._discarding = False
         try:
             self.ina.configure(config)
             self.config = self.ina.read_config()
@@ -151,10 +152,16 @@ class Meter:
                 break
             line = buf[:cut]
             buf = buf[cut + 1:]
-            if line.strip():
+            if self._discarding:  # the rest of a command already reported as too long
+                self._discarding = False
+            elif len(line) > MAX_COMMAND_CHARS:
+                self.error(E_TOO_LONG, "command longer than %d characters dropped" % MAX_COMMAND_CHARS)
+            elif line.strip():
                 self.handle(line)
         if len(buf) > MAX_COMMAND_CHARS:
-            self.error(E_TOO_LONG, "command longer than %d characters dropped" % MAX_COMMAND_CHARS)
+            if not self._discarding:
+                self.error(E_TOO_LONG, "command longer than %d characters dropped" % MAX_COMMAND_CHARS)
+            self._discarding = True
             buf = ""
         self._pending = buf
 
