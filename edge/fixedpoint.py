@@ -1,0 +1,317 @@
+"""Signed n-bit fixed point with a power-of-two scale per tensor (pure numpy).
+
+A fixed-point tensor is a pair ``(q, exponent)``: integer values ``q`` and one
+exponent for the whole tensor, the real value being ``q * 2**exponent``. The
+integers sit in a float array (float32 or float64, see :func:`carrier_dtype`)
+so that BLAS can multiply them exactly (``edge.gemm``).
+
+Two kinds of tensors, following Kim et al. (ICC 2022):
+
+- Weights and biases live on a fixed grid: clipped to [-1, 1], step
+  ``2**-(n-1)``, integers in ``[-2**(n-1), 2**(n-1) - 1]`` (two's complement,
+  so the largest weight is ``1 - step``). ``n = 1`` is the sign: ``q`` in
+  ``{-1, +1}`` with exponent 0.
+- Activations and backward errors get a dynamic exponent per tensor: the
+  smallest one that fits the largest magnitude into ``2**(n-1) - 1``, so they
+  never saturate. They use ``max(n, 2)`` bits (a 1-bit two's complement
+  number holds only -1 and 0, which carries nothing for ReLU outputs).
+
+``n = 32`` is plain float32; the functions here are not called for it.
+
+    >>> import numpy as np
+    >>> q = quantize_weights(np.array([0.3, -1.7, 0.99]), bits=4)
+    >>> q.tolist(), (q * weight_step(4)).tolist()
+    ([2.0, -8.0, 7.0], [0.25, -1.0, 0.875])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple, Union
+
+import numpy as np
+
+FLOAT_BITS = 32
+"""``bits = 32`` means plain float32 training (the standard-FL baseline)."""
+
+Rounding = Literal["nearest", "stochastic"]
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def check_bits(bits: object) -> int:
+    """Return ``bits`` as an int if it is a whole number in 1..32, else raise ValueError."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= FLOAT_BITS:
+        raise ValueError(f"bits must be a whole number from 1 to {FLOAT_BITS} (32 = float32), got {bits!r}")
+    return int(bits)
+
+
+def check_rounding(rounding: object) -> Rounding:
+    """Return ``rounding`` if it is 'nearest' or 'stochastic', else raise ValueError."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    return rounding  # type: ignore[return-value]
+
+
+FLOAT32_BITS = 9
+"""Up to this many bits a network keeps its integers in float32, beyond in float64.
+
+At 9 bits the products of a 64-long dot product (2**9 * 2**8 * 64 = 2**23)
+still fit float32's exact integer range, so the matrix products run in float32
+BLAS; from 10 bits on most of them need float64, and holding the integers in
+float64 from the start saves a conversion per product. Beyond 24 bits float32
+could not even hold the integers.
+"""
+
+
+def carrier_dtype(bits: int) -> type[np.floating]:
+    """Float type a network at ``bits`` keeps its integers in: float32 up to 9 bits (and at 32), else float64."""
+    return np.float32 if bits <= FLOAT32_BITS or bits == FLOAT_BITS else np.float64
+
+
+# ---------------------------------------------------------------------------
+# Weights: fixed grid in [-1, 1]
+
+
+def weight_exponent(bits: int) -> int:
+    """Exponent of the weight grid: ``-(bits - 1)``, or 0 for the sign (bits = 1)."""
+    return 0 if bits == 1 else -(bits - 1)
+
+
+def weight_step(bits: int) -> float:
+    """Distance between neighbouring weights on the grid: ``2**-(bits-1)`` (2 for the sign grid)."""
+    return 2.0 if bits == 1 else 2.0 ** -(bits - 1)
+
+
+def weight_scale(bits: int) -> float:
+    """Real value of grid integer 1: ``2**weight_exponent(bits)``."""
+    return 2.0 ** weight_exponent(bits)
+
+
+def weight_limits(bits: int) -> tuple[int, int]:
+    """Smallest and largest integer of the weight grid."""
+    return (-1, 1) if bits == 1 else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+
+
+def quantize_weights(w: np.ndarray, bits: int, rounding: Rounding = "nearest",
+                     rng: np.random.Generator | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Integers of the weight grid closest to ``w`` (or stochastically rounded), saturating outside it.
+
+    Returns the integers in :func:`carrier_dtype` (into ``out`` if given); the
+    real values are ``q * 2**weight_exponent(bits)``.
+
+        >>> quantize_weights(np.array([0.2, -0.2, 0.0]), bits=1).tolist()
+        [1.0, -1.0, 1.0]
+    """
+    w = np.asarray(w)
+    if w.dtype.kind != "f":
+        w = w.astype(np.float64)
+    if bits == 1:
+        # The sign grid {-1, +1} is the integer grid {0, 1} mapped by 2k - 1.
+        k = _round((np.clip(w, -1.0, 1.0) + 1.0) * 0.5, rounding, rng, ties_up=True)
+        q = 2.0 * k - 1.0
+    else:
+        lo, hi = weight_limits(bits)
+        q = _round(w * float(1 << (bits - 1)), rounding, rng)  # exact scaling in w's own float type
+        np.clip(q, lo, hi, out=q)
+    if out is None:
+        return q.astype(carrier_dtype(bits))
+    out[...] = q
+    return out
+
+
+def update_weights(q: np.ndarray, delta: np.ndarray, bits: int, rng: RandomSource, scale: float = 1.0) -> None:
+    """Add the real-valued ``scale * delta`` to the grid integers ``q`` in place, with stochastic rounding.
+
+    Each weight lands on one of the two grid points around ``w + scale * delta``,
+    the upper one with probability equal to the fractional distance, so the
+    update is unbiased and an update far smaller than one step still moves the
+    weight now and then instead of being lost. The result saturates at the
+    grid limits.
+    """
+    if bits == 1:
+        q[...] = quantize_weights(q + delta * scale, 1, "stochastic", _generator(rng))
+        return
+    steps = np.multiply(delta, scale * float(1 << (bits - 1)), dtype=q.dtype)
+    steps += uniform(rng, steps.shape)
+    np.floor(steps, out=steps)
+    q += steps
+    lo, hi = weight_limits(bits)
+    np.maximum(q, lo, out=q)
+    np.minimum(q, hi, out=q)
+
+
+# ---------------------------------------------------------------------------
+# Randomness for stochastic rounding
+
+
+class UniformPool:
+    """Uniform numbers in (0, 1) for stochastic rounding, drawn from ``rng`` in blocks.
+
+    Each number is ``(k + 1/2) / 2**16`` with ``k`` a uniform random 16-bit
+    integer: stochastic rounding with it rounds up with a probability within
+    ``2**-17`` of the fractional part, at a third of the cost of
+    ``rng.random`` (a training step needs a uniform number per weight and per
+    backward error).
+
+        >>> pool = UniformPool(np.random.default_rng(0))
+        >>> u = pool.draw((2, 3))
+        >>> u.shape, bool(((u > 0) & (u < 1)).all())
+        ((2, 3), True)
+    """
+
+    def __init__(self, rng: np.random.Generator, block: int = 1 << 16) -> None:
+        self.rng = rng
+        self.block = block
+        self._pool = np.empty(0, dtype=np.float32)
+        self._position = 0
+
+    def draw(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of ``shape`` with fresh uniform numbers (never handed out before)."""
+        count = math.prod(shape)
+        if self._position + count > len(self._pool):
+            size = max(self.block, count)
+            raw = self.rng.bit_generator.random_raw((size + 3) // 4).view(np.uint16)[:size]
+            pool = np.multiply(raw, np.float32(2.0 ** -16), dtype=np.float32)
+            pool += np.float32(2.0 ** -17)
+            self._pool, self._position = pool, 0  # a new array: earlier draws stay valid
+        out = self._pool[self._position:self._position + count]
+        self._position += count
+        return out.reshape(shape)
+
+
+RandomSource = Union[np.random.Generator, UniformPool]
+
+
+def uniform(rng: RandomSource, shape: tuple[int, ...]) -> np.ndarray:
+    """Float32 uniform numbers in [0, 1) from a numpy Generator or a :class:`UniformPool`."""
+    if isinstance(rng, UniformPool):
+        return rng.draw(shape)
+    return rng.random(shape, dtype=np.float32)
+
+
+def _generator(rng: RandomSource) -> np.random.Generator:
+    return rng.rng if isinstance(rng, UniformPool) else rng
+
+
+# ---------------------------------------------------------------------------
+# Activations and errors: dynamic power-of-two scale
+
+
+class Fixed(NamedTuple):
+    """A tensor ``q * 2**exponent`` held in a float array.
+
+    ``bound > 0`` marks integers already on an n-bit grid with ``|q| <= bound``
+    (what :func:`requantize` returns; layers that keep the integers pass it
+    on); 0 means "not known to be on a grid", e.g. a wide accumulator.
+    """
+
+    q: np.ndarray
+    exponent: int
+    bound: int = 0
+
+
+def dynamic_format(bits: int, unsigned: bool) -> tuple[int, int]:
+    """``(t, limit)`` of a dynamically scaled tensor: it is scaled so that its largest
+    magnitude is at most ``2**t``, and its integers saturate at ``limit``.
+
+    Two's complement with ``b = max(bits, 2)`` bits: ``(b - 1, 2**(b-1) - 1)``
+    (a 1-bit two's complement number holds only -1 and 0, nothing for a signed
+    error); unsigned ``bits`` bits for tensors without negative values, such as
+    ReLU outputs and image data: ``(bits, 2**bits - 1)``.
+    """
+    t = bits if unsigned else max(bits, 2) - 1
+    return t, (1 << t) - 1
+
+
+def scale_exponent(max_abs: float, t: int) -> int:
+    """Smallest exponent ``e`` with ``max_abs * 2**-e <= 2**t``; 0 for an all-zero tensor.
+
+    A non-finite ``max_abs`` (the training diverged) raises FloatingPointError.
+
+        >>> scale_exponent(1.0, 7), scale_exponent(200.0, 7), scale_exponent(0.01, 3)
+        (-7, 1, -9)
+    """
+    if max_abs <= 0.0:
+        return 0
+    if not math.isfinite(max_abs):
+        raise FloatingPointError(f"cannot choose a fixed-point scale for a tensor holding {max_abs}; "
+                                 "the training diverged (try a smaller learning rate)")
+    mantissa, exp = math.frexp(max_abs)  # max_abs = mantissa * 2**exp, mantissa in [0.5, 1)
+    return (exp - 1 if mantissa == 0.5 else exp) - t  # ceil(log2(max_abs)) - t, exactly
+
+
+def requantize(q: np.ndarray, exponent: int, bits: int, rounding: Rounding = "nearest",
+               rng: RandomSource | None = None, *, nonnegative: bool = False) -> Fixed:
+    """Put the tensor ``q * 2**exponent`` onto a ``bits``-bit grid with a dynamic power-of-two scale.
+
+    ``q`` is any float array (a wide accumulator, or real values with exponent
+    0). The exponent is the smallest that brings the largest magnitude to at
+    most ``2**t`` of :func:`dynamic_format`, so at most the values in the top
+    half step saturate (by less than one step) and no range is wasted when the
+    largest value is a power of two. A tensor without negative values is
+    stored unsigned. ``nonnegative=True`` promises that and saves a pass.
+    Returns new integers (at least :func:`carrier_dtype` wide), their exponent
+    and ``2**t``, a bound on their magnitude.
+
+        >>> x = requantize(np.array([0.5, -3.0, 12.0], dtype=np.float32), 0, bits=4)
+        >>> x.q.tolist(), x.exponent, x.bound
+        ([0.0, -2.0, 6.0], 1, 8)
+        >>> requantize(np.array([0.0, 0.3, 1.0]), 0, bits=4).q.tolist()   # unsigned: 0..15
+        [0.0, 5.0, 15.0]
+    """
+    if q.dtype != np.float64 and (q.dtype != np.float32 or bits > FLOAT32_BITS):
+        q = q.astype(np.float64)
+    largest = float(q.max())
+    smallest = 0.0 if nonnegative else float(q.min())
+    # dynamic_format() and scale_exponent(), inlined: this runs several times per training step
+    t = bits if smallest >= 0.0 else (bits if bits > 1 else 2) - 1
+    limit = (1 << t) - 1
+    shift = scale_exponent(largest if largest >= -smallest else -smallest, t)
+    factor = 2.0 ** -shift
+    if factor > 2.0 ** 100 and q.dtype == np.float32:
+        q = q.astype(np.float64)  # values near float32's underflow: scale them where the factor fits
+    if rounding == "nearest":
+        if shift:
+            scaled = q * factor
+            np.rint(scaled, out=scaled)
+        else:
+            scaled = np.rint(q)
+        overflow = largest * factor >= limit + 0.5
+    else:
+        if rng is None:
+            raise ValueError("stochastic rounding needs a random source (numpy Generator or UniformPool)")
+        if shift:
+            scaled = q * factor
+            scaled += uniform(rng, q.shape)
+        else:
+            scaled = q + uniform(rng, q.shape)
+        np.floor(scaled, out=scaled)
+        overflow = largest * factor > limit
+    if overflow:
+        np.minimum(scaled, limit, out=scaled)
+    return Fixed(scaled, exponent + shift, 1 << t)
+
+
+def stochastic_round(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``floor(x + u)`` with ``u ~ U[0, 1)``: unbiased, ``E[result] = x``, variance ``p(1-p) <= 1/4``.
+
+        >>> stochastic_round(np.full(8, 2.25), np.random.default_rng(1)).tolist()
+        [2.0, 3.0, 2.0, 3.0, 2.0, 2.0, 3.0, 2.0]
+    """
+    x = np.asarray(x, dtype=np.float64)
+    return np.floor(x + rng.random(x.shape))
+
+
+def _round(x: np.ndarray, rounding: Rounding, rng: np.random.Generator | None, ties_up: bool = False) -> np.ndarray:
+    if rounding == "stochastic":
+        if rng is None:
+            raise ValueError("stochastic rounding needs a numpy Generator (rng)")
+        return np.floor(x + rng.random(np.shape(x)))
+    if rounding != "nearest":
+        check_rounding(rounding)
+    return np.floor(x + 0.5) if ties_up else np.rint(x)
+
+
+def dequantize(q: np.ndarray, exponent: int) -> np.ndarray:
+    """Real values ``q * 2**exponent`` as float32 (a new array)."""
+    return np.multiply(q, 2.0 ** exponent, dtype=np.float32)

@@ -1,0 +1,309 @@
+"""A fixed-point network built from a ``models.Architecture``, its parameters in one flat buffer.
+
+    >>> from models import get_architecture
+    >>> net = Network(get_architecture("mlp"), bits=8, seed=0)
+    >>> net.predict(np.zeros((2, 64), np.float32)).shape
+    (2, 10)
+    >>> float(net.get_weights()["0.weight"][0, 0] * 2**7).is_integer()   # on the 8-bit grid
+    True
+
+Training modes, for ``bits < 32`` (at 32 bits both are plain float32):
+
+- ``"int"`` (default): the network's only state is the n-bit integers of the
+  weight grid, no float copy; updates are added with stochastic rounding
+  (``edge.fixedpoint.update_weights``) so updates smaller than a step still
+  move weights in expectation.
+- ``"master"``: a float master copy takes the updates and is clipped to
+  [-1, 1]; forward and backward passes use its nearest grid point, and the
+  gradient with respect to the grid point is applied to the master
+  (straight-through estimator), as Kim et al. simulated.
+
+``get_weights`` returns the trainable state: the grid values (int mode) or the
+master copy (master mode; ``quantized=True`` gives its grid values).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge.fixedpoint import (
+    FLOAT_BITS,
+    Fixed,
+    Rounding,
+    UniformPool,
+    carrier_dtype,
+    check_bits,
+    check_rounding,
+    quantize_weights,
+    requantize,
+    update_weights,
+    weight_scale,
+)
+from edge.layers import (
+    Conv2D,
+    Dense,
+    Flatten,
+    LeakyReLU,
+    MaxPool,
+    Numerics,
+    Parametric,
+    ReLU,
+    softmax_cross_entropy,
+)
+from models import architectures as specs
+
+MODES = ("int", "master")
+
+
+class Network:
+    """A QNN for ``arch`` at ``bits`` (1..32) in ``mode`` "int" or "master", initialised from ``seed``.
+
+    ``error_rounding`` is how backward errors are put onto the n-bit grid
+    ("stochastic", the default, or "nearest"); forward activations always
+    round to nearest.
+    """
+
+    def __init__(self, arch: specs.Architecture, bits: int = 8, mode: str = "int", seed: int = 0, *,
+                 error_rounding: Rounding = "stochastic") -> None:
+        if not isinstance(arch, specs.Architecture):
+            raise TypeError(f"arch must be a models.Architecture (e.g. models.get_architecture('mlp')), got {arch!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'int' or 'master', got {mode!r}")
+        self.arch, self.mode = arch, mode
+        self.rng = np.random.default_rng(seed)
+        self._uniform = UniformPool(self.rng)  # for stochastic rounding in the hot path
+        self._bits = check_bits(bits)
+        self.numerics = Numerics(self._bits, check_rounding(error_rounding), self._uniform)
+        self.layers = _build_layers(arch, self.numerics)
+        self._params = [layer for layer in self.layers if isinstance(layer, Parametric)]
+        if not self._params:
+            raise ValueError(f"architecture {arch.name!r} has no Dense or Conv2D layer to train")
+        self._first_param = self.layers.index(self._params[0])
+        self.param_shapes: dict[str, tuple[int, ...]] = {}
+        for index, layer in enumerate(self.layers):
+            for suffix, shape in layer.param_shapes:
+                self.param_shapes[f"{index}.{suffix}"] = shape
+        self.size = sum(int(np.prod(shape)) for shape in self.param_shapes.values())
+        self.grad = np.zeros(self.size, dtype=np.float32)
+        self.grad_half = np.zeros(self.size, dtype=np.float32)
+        self._load(self._initial_values(), rounding="stochastic")
+
+    # -- precision -----------------------------------------------------------
+
+    @property
+    def bits(self) -> int:
+        """Training precision n (32 = float32)."""
+        return self._bits
+
+    def set_bits(self, bits: int) -> None:
+        """Switch to ``bits``, putting the weights onto the new grid (round to nearest)."""
+        values = self._state_values()
+        self._bits = check_bits(bits)
+        self.numerics.set_bits(self._bits)
+        self._load(values, rounding="nearest")
+
+    # -- weights ---------------------------------------------------------------
+
+    def get_weights(self, quantized: bool = False) -> dict[str, np.ndarray]:
+        """Float32 copies of the parameters by name ("0.weight", "0.bias", ...), in layer order.
+
+        In master mode the master copy, unless ``quantized`` (then the grid values the passes use).
+        """
+        if quantized and self._master is not None:
+            return self._split(self._q * weight_scale(self._bits))
+        return self._split(self._state_values())
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Load parameters by name (all names and shapes of ``get_weights``); they land on the grid by rounding to nearest."""
+        if not isinstance(weights, dict):
+            raise TypeError(f"weights must be a dict of name -> array, got {type(weights).__name__}")
+        missing = [name for name in self.param_shapes if name not in weights]
+        extra = [name for name in weights if name not in self.param_shapes]
+        if missing or extra:
+            raise ValueError(f"weights do not match {self.arch.name!r}: missing {missing or 'none'}, "
+                             f"unexpected {extra or 'none'}")
+        flat = np.empty(self.size, dtype=np.float64)
+        offset = 0
+        for name, shape in self.param_shapes.items():
+            value = np.asarray(weights[name], dtype=np.float64)
+            if value.shape != shape:
+                raise ValueError(f"weight {name!r} must have shape {shape}, got {value.shape}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"weight {name!r} holds non-finite values")
+            flat[offset:offset + value.size] = value.ravel()
+            offset += value.size
+        self._load(flat, rounding="nearest")
+
+    # -- inference -------------------------------------------------------------
+
+    def predict(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """Logits (float32, shape (N, classes)) of inputs ``x`` shaped (N, *input_shape) or (N, features)."""
+        x = self.as_batch(x)
+        if len(x) <= batch_size:
+            return self._forward(x, train=False).astype(np.float32, copy=False)
+        return np.concatenate([self._forward(x[i:i + batch_size], train=False).astype(np.float32, copy=False)
+                               for i in range(0, len(x), batch_size)])
+
+    def as_batch(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as a float32 batch of shape (N, *input_shape); flat samples of the right size are reshaped."""
+        x = np.asarray(x)
+        shape = self.arch.input_shape
+        sample = int(np.prod(shape))
+        if x.ndim >= 1 and x.shape[1:] != shape:
+            if x.ndim >= 2 and int(np.prod(x.shape[1:])) == sample:
+                x = x.reshape(len(x), *shape)
+            else:
+                raise ValueError(f"model {self.arch.name!r} expects inputs of shape (N, {', '.join(map(str, shape))}) "
+                                 f"or (N, {sample}), got {x.shape}")
+        if x.ndim == 0:
+            raise ValueError(f"model {self.arch.name!r} expects a batch of inputs, got a scalar")
+        if x.dtype.kind not in "fiub":
+            raise TypeError(f"inputs must be numbers, got dtype {x.dtype}")
+        dtype = np.float64 if carrier_dtype(self._bits) is np.float64 else np.float32
+        return x.astype(dtype, copy=False)
+
+    # -- training interface (used by edge.trainer) ----------------------------
+
+    def quantize_inputs(self, x: np.ndarray) -> Fixed:
+        """Inputs checked (:meth:`as_batch`) and put once onto the n-bit grid, one scale for all of them.
+
+        Training quantizes its data set once instead of every batch; index
+        ``.q`` to take a batch (at 32 bits the inputs stay float32). Images
+        come back channels-last, ``(N, H, W, C)``, the layout the layers use.
+        """
+        x = _channels_last(self.as_batch(x))
+        if self._bits == FLOAT_BITS:
+            return Fixed(np.ascontiguousarray(x), 0)
+        return requantize(x, 0, self._bits)
+
+    def backprop(self, x: np.ndarray | Fixed, y: np.ndarray, split: int | None = None) -> float:
+        """Forward and backward pass on one batch; returns the mean loss and fills ``self.grad``.
+
+        The hot path: ``x`` must come from :meth:`as_batch` (or be a batch of
+        :meth:`quantize_inputs`), ``y`` be int labels.
+        ``self.grad`` (flat, float32, in layer order) receives dL/dw of the
+        batch. With ``split = h`` (0 < h < len(x)), ``self.grad_half`` also
+        receives the share of the first h samples (for variance estimates).
+        """
+        loss, error = softmax_cross_entropy(self._forward(x, train=True), y)
+        g = Fixed(error, 0)
+        for index in range(len(self.layers) - 1, self._first_param - 1, -1):
+            g = self.layers[index].backward(g, need_input_grad=index > self._first_param, split=split)
+        if split is not None:
+            self.grad += self.grad_half
+        return loss
+
+    def step(self, update: np.ndarray, scale: float = 1.0) -> None:
+        """Add ``scale * update`` (flat, real-valued, layer order like ``grad``) to the weights, onto the grid.
+
+            >>> net.step(net.grad, scale=-0.1)    # one SGD step  # doctest: +SKIP
+        """
+        if self._bits == FLOAT_BITS:
+            self._q += update * scale if scale != 1.0 else update
+        elif self._master is not None:
+            self._master += update * scale if scale != 1.0 else update
+            np.clip(self._master, -1.0, 1.0, out=self._master)
+            quantize_weights(self._master, self._bits, out=self._q)
+        else:
+            update_weights(self._q, update, self._bits, self._uniform, scale)
+
+    def snapshot(self) -> np.ndarray:
+        """A copy of the trainable state, for :meth:`delta_since`."""
+        return (self._q if self._master is None else self._master).copy()
+
+    def delta_since(self, snapshot: np.ndarray) -> dict[str, np.ndarray]:
+        """Weights now minus weights at ``snapshot``, by name, float32 (exact in int mode)."""
+        if self._master is not None:
+            return self._split(self._master - snapshot)
+        diff = self._q - snapshot
+        if self._bits != FLOAT_BITS:
+            diff *= weight_scale(self._bits)
+        return self._split(diff)
+
+    # -- internals ---------------------------------------------------------------
+
+    def _forward(self, x: np.ndarray | Fixed, train: bool) -> np.ndarray:
+        fx = x if isinstance(x, Fixed) else Fixed(_channels_last(x), 0)
+        for layer in self.layers:
+            fx = layer.forward(fx, train)
+        return fx.q * (2.0 ** fx.exponent) if fx.exponent else fx.q
+
+    def _initial_values(self) -> np.ndarray:
+        """He-normal weights (std sqrt(2 / fan_in)) and zero biases, flat, float64."""
+        parts = []
+        for layer in self._params:
+            (_, w_shape), (_, b_shape) = layer.param_shapes
+            parts.append(self.rng.normal(0.0, np.sqrt(2.0 / layer.fan_in), int(np.prod(w_shape))))
+            parts.append(np.zeros(int(np.prod(b_shape))))
+        return np.concatenate(parts)
+
+    def _state_values(self) -> np.ndarray:
+        """The trainable state as real values (a new float64 array)."""
+        if self._master is not None:
+            return self._master.astype(np.float64)
+        if self._bits == FLOAT_BITS:
+            return self._q.astype(np.float64)
+        return self._q * weight_scale(self._bits)
+
+    def _load(self, values: np.ndarray, rounding: Rounding) -> None:
+        """Set the state from real values at the current precision and rebind the layers' views."""
+        bits = self._bits
+        self._master = None
+        if bits == FLOAT_BITS:
+            self._q = values.astype(np.float32)
+        elif self.mode == "master":
+            self._master = np.clip(values, -1.0, 1.0).astype(carrier_dtype(bits))
+            self._q = quantize_weights(self._master, bits)
+        else:
+            self._q = quantize_weights(values, bits, rounding, self.rng)
+        views = self._views(self._q), self._views(self.grad), self._views(self.grad_half)
+        for i, layer in enumerate(self._params):
+            layer.bind(views[0][2 * i:2 * i + 2], views[1][2 * i:2 * i + 2], views[2][2 * i:2 * i + 2])
+
+    def _views(self, flat: np.ndarray) -> list[np.ndarray]:
+        out, offset = [], 0
+        for shape in self.param_shapes.values():
+            size = int(np.prod(shape))
+            out.append(flat[offset:offset + size].reshape(shape))
+            offset += size
+        return out
+
+    def _split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        flat = flat.astype(np.float32)  # always a fresh array, so the views below are private
+        return dict(zip(self.param_shapes, self._views(flat)))
+
+    def __repr__(self) -> str:
+        return f"Network({self.arch.name!r}, bits={self._bits}, mode={self.mode!r}, params={self.size})"
+
+
+def _channels_last(x: np.ndarray) -> np.ndarray:
+    """``(N, C, H, W)`` images as the layers take them, ``(N, H, W, C)`` (a view); other shapes as they are."""
+    return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+
+
+def _build_layers(arch: specs.Architecture, numerics: Numerics) -> list:
+    """One layer object per spec of ``arch``."""
+    layers: list = []
+    shape = arch.input_shape
+    nonnegative = False  # is the current tensor known to be >= 0?
+    for spec, out_shape in zip(arch.layers, arch.shapes()):
+        if isinstance(spec, specs.Dense):
+            layer = Dense(shape[0], spec.units, numerics)
+        elif isinstance(spec, specs.Conv2D):
+            layer = Conv2D(shape, spec.filters, spec.kernel, spec.stride, spec.padding, numerics)
+        elif isinstance(spec, specs.ReLU):
+            layer = ReLU()
+        elif isinstance(spec, specs.LeakyReLU):
+            layer = LeakyReLU(spec.slope)
+        elif isinstance(spec, specs.MaxPool):
+            layer = MaxPool(spec.size)
+        elif isinstance(spec, specs.Flatten):
+            layer = Flatten()
+        else:
+            raise TypeError(f"unknown layer spec {spec!r} in architecture {arch.name!r}")
+        if isinstance(layer, Parametric):
+            layer.nonnegative_input = nonnegative
+        nonnegative = layer.nonnegative_output or (nonnegative and isinstance(layer, (MaxPool, Flatten)))
+        layers.append(layer)
+        shape = out_shape
+    return layers
