@@ -381,8 +381,10 @@ def write_run_dir(root: Path, *, rounds: int = 6, devices: tuple[str, ...] = ("p
                     k = end + 5
                 store.add_update("exp1", device=d, round_=r, nonce=f"u-{d}-{r}", digest="0" * 64, samples=100,
                                  size=bits // 8, m=m, payload=None, now=_tick(k))
-                store.add_energy_report("exp1", d, r, f"e-{d}-{r}", {"device": d, "round": r,
-                                                                     "meter": {"phases": phases}}, now=_tick(k))
+                report = {"kind": "energy", "device": d, "experiment": "exp1", "round": r, "n": n, "m": m,
+                          "iterations": ITERATIONS, "batch_size": BATCH, "uplink": {"bytes": bits // 8},
+                          "meter": {"phases": phases}}           # what edge.runtime sends
+                store.add_energy_report("exp1", d, r, f"e-{d}-{r}", report, now=_tick(k))
                 fit_records.append(FitRecord(device=d, round=r, n=n, m=m, local_iters=ITERATIONS, batch_size=BATCH,
                                              train_j=phases["train"]["joules_above_idle"],
                                              uplink_j=phases["uplink"]["joules_above_idle"], uplink_bits=bits))
@@ -394,7 +396,8 @@ def write_run_dir(root: Path, *, rounds: int = 6, devices: tuple[str, ...] = ("p
                                  model_hash=f"h{r + 1}", now=_tick(k))
             store.add_calibration("exp1", r, calibrate(fit_records, macs_per_sample=size.macs).to_dict(), now=_tick(k))
             store.add_decision("exp1", r + 1, policy="measured", n=n, m=m, inputs={"records": len(fit_records)},
-                               detail={"predicted_energy_j": 1.5, "setting": {"n": n}}, now=_tick(k))
+                               detail={"reason": "explore", "state": {"explored": 1},
+                                       "predicted": {"n": n, "energy_j": 1.5, "rounds": None}}, now=_tick(k))
             k += 10
             assert _tick(k) - opened > 0
     if truth:
@@ -426,7 +429,8 @@ def test_load_run_reads_rounds_and_every_stored_energy_phase(run_dir) -> None:
     assert len(run.energy) == 6 * 2 * 2
     assert metrics.total_measured_j(run) == pytest.approx(math.fsum(given["joules"]), rel=1e-12)
     assert [d["round"] for d in run.decisions] == [2, 3, 4, 5, 6, 7]
-    assert run.decisions[0]["predicted_energy_j"] == 1.5 and "setting" not in run.decisions[0]
+    assert run.decisions[0] == {"round": 2, "policy": "measured", "n": 32, "m": 32, "reason": "explore",
+                                "predicted_n": 32, "predicted_energy_j": 1.5}
 
 
 def test_modelled_energy_before_and_after_calibration(run_dir) -> None:
@@ -520,6 +524,25 @@ def test_abandoned_rounds_unknown_models_and_experiment_choice(tmp_path: Path) -
     assert load_run(tmp_path / "r", experiment="exp2").rounds == []
     with pytest.raises(ReportError, match="has no experiment 'exp3'; it has: exp1, exp2"):
         load_run(tmp_path / "r", experiment="exp3")
+
+
+def test_the_calibration_in_force_is_the_last_one_stored_when_the_round_opened() -> None:
+    from basestation.energy.calibration import calibrate
+    from basestation.energy.records import EnergyRecord as FitRecord
+    from basestation.report.predict import Work, fit_at, predict_phase
+
+    records = [FitRecord(device="pi-0", round=r, n=n, m=8, local_iters=5, batch_size=32, train_j=0.02 * n,
+                         uplink_j=0.05, uplink_bits=20_000 + r) for r, n in enumerate((8, 16, 32, 8, 16), start=1)]
+    a, b = calibrate(records[:3], macs_per_sample=2368), calibrate(records, macs_per_sample=2368)
+    fits = [(10.0, a), (20.0, b)]
+    assert [fit_at(t, fits) for t in (9.9, 10.0, 19.9, 20.0, 99.0)] == [None, a, a, b, b]
+
+    work = Work(n=16, m=8, iterations=5, batch_size=32, model="mlp", uplink_bits=None)
+    assert predict_phase("pi-0", "aggregate", work, b) == (None, None)
+    before, after = predict_phase("pi-0", "uplink", work, None)
+    assert after is None and before > 0
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        predict_phase("pi-0", "train", Work(8, 8, 5, 32, "resnet"), None)
 
 
 def test_qfl_report_command_on_a_run_directory(run_dir, capsys: pytest.CaptureFixture) -> None:

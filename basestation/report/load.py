@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from basestation.report.data import EnergyRecord, ReportError, RoundRecord, RunData
-from basestation.report.predict import PlanFacts, predict_phase
+from basestation.report.predict import Work, fit_at, predict_phase
 from basestation.report.truth import PhaseWindow, find_ground_truth, ground_truth_energy, phase_windows
 
 STORE_PATTERNS = ("*.sqlite", "*.sqlite3", "*.db")
+NO_WORK = "neither the energy report nor the round plan gives n, m, iterations, minibatch and model"
 
 
 def load_run(path: str | Path, *, experiment: str | None = None) -> RunData:
@@ -147,32 +148,36 @@ def _contents(store: Any, record: Any) -> StoreContents:
         notes.append(f"{len(skipped)} stored round(s) produced no model and are left out of the accuracy and "
                      f"precision figures: " + ", ".join(f"{r.round} ({r.status})" for r in skipped) + ".")
 
-    plans: dict[int, PlanFacts] = {}
-    for r in stored_rounds:
-        facts = _plan_facts(store.plan(experiment, r.round))
-        if facts is not None:
-            plans[r.round] = facts
+    opened = {r.round: r.opened_at for r in stored_rounds}
+    plans = {r.round: store.plan(experiment, r.round) or {} for r in stored_rounds}
     fits = []
-    for fitted_after, _, fit in store.calibrations(experiment):
+    for number, fitted_at, fit in store.calibrations(experiment):
         try:
-            fits.append((fitted_after, Calibration.from_dict(fit)))
+            fits.append((fitted_at, Calibration.from_dict(fit)))
         except ValueError as exc:
-            notes.append(f"The calibration stored after round {fitted_after} cannot be read ({exc}); it is skipped.")
+            notes.append(f"The calibration stored with round {number} cannot be read ({exc}); it is skipped.")
+    fits.sort(key=lambda item: item[0])
     sent = {(u.device, u.round): 8 * u.bytes for u in store.updates(experiment)}
+    phases = store.energy(experiment)
+    reports = {(e.device, e.round): store.energy_report(experiment, e.device, e.round) or {} for e in phases}
 
     energy = []
     unusable = 0
     unmodelled: dict[str, int] = {}
-    for e in store.energy(experiment):
+    for e in phases:
         if e.joules is None or not math.isfinite(e.joules):
             unusable += 1
             continue
+        work = _work(reports[(e.device, e.round)], plans.get(e.round, {}), e.device, sent.get((e.device, e.round)),
+                     record.config)
+        model_j = calibrated_j = None
         try:
-            model_j, calibrated_j = predict_phase(e.device, e.round, e.phase, plans, fits,
-                                                  sent.get((e.device, e.round)))
-        except ValueError as exc:      # an architecture or fit the energy model cannot evaluate
+            if work is None:
+                raise ValueError(NO_WORK)
+            fit = fit_at(opened[e.round], fits) if e.round in opened else None
+            model_j, calibrated_j = predict_phase(e.device, e.phase, work, fit)
+        except ValueError as exc:      # no work to evaluate, or an architecture the model does not know
             unmodelled[str(exc)] = unmodelled.get(str(exc), 0) + 1
-            model_j = calibrated_j = None
         energy.append(EnergyRecord(
             device=e.device, round=e.round, phase=e.phase, joules=float(e.joules),
             joules_above_idle=float(e.joules_above_idle) if e.joules_above_idle is not None else math.nan,
@@ -181,15 +186,11 @@ def _contents(store: Any, record: Any) -> StoreContents:
     notes += [f"{count} energy phase(s) could not be modelled: {why}" for why, count in unmodelled.items()]
     if unusable:
         notes.append(f"{unusable} stored energy phase(s) carry no energy figure and are left out.")
-    if stored_rounds and not plans:
-        notes.append("No round plan in the store names the model, iterations and minibatch size, so no energy "
-                     "could be modelled.")
 
     decisions = [_decision(d) for d in store.decisions(experiment)]
     kept = {(e.device, e.round, e.phase) for e in energy}
-    windows = [w for device, round_ in sorted({(e.device, e.round) for e in energy})
-               for w in phase_windows(device, round_, store.energy_report(experiment, device, round_) or {})
-               if (w.device, w.round, w.phase) in kept]
+    windows = [w for (device, round_), report in sorted(reports.items())
+               for w in phase_windows(device, round_, report) if (w.device, w.round, w.phase) in kept]
     return StoreContents(experiment, dict(record.config), rounds, energy, decisions, windows, notes)
 
 
@@ -200,20 +201,36 @@ def _round(r: Any) -> RoundRecord:
                        devices_selected=len(r.selected), devices_answered=int(r.accepted), seconds=float(seconds))
 
 
-def _plan_facts(plan: dict | None) -> PlanFacts | None:
-    if not plan:
-        return None
+def _work(report: dict, plan: dict, device: str, sent_bits: int | None, config: dict) -> Work | None:
+    """The work behind an energy report: its own n, m, iterations and minibatch (else the plan's), the
+    plan's architecture (else the experiment's), and the bits the device sent."""
+    def pick(name: str):
+        return report.get(name, plan.get(name))
+
+    m = report.get("m")
+    if m is None:
+        m = (plan.get("m_per_device") or {}).get(device, plan.get("m"))
+    uplink = report.get("uplink")
+    size = uplink.get("bytes") if isinstance(uplink, dict) else None
+    bits = 8 * int(size) if isinstance(size, int) and not isinstance(size, bool) else sent_bits
     try:
-        return PlanFacts(n=int(plan["n"]), m=int(plan["m"]), iterations=int(plan["iterations"]),
-                         batch_size=int(plan["batch_size"]), model=str(plan["model"]))
+        return Work(n=int(pick("n")), m=int(m), iterations=int(pick("iterations")),
+                    batch_size=int(pick("batch_size")), model=str(plan.get("model") or config["model"]),
+                    uplink_bits=bits)
     except (KeyError, TypeError, ValueError):
         return None
 
 
 def _decision(d: Any) -> dict:
-    """A decision as one flat row: round, policy, n, m and the scalar parts of its detail."""
+    """A decision as one flat row: round, policy, n, m, the scalar parts of its detail and of the
+    prediction it was based on (``predicted_energy_j``, ``predicted_rounds``, ...)."""
     row: dict[str, Any] = {"round": d.round, "policy": d.policy, "n": d.n, "m": d.m}
-    for key, value in (d.detail or {}).items():
+    detail = d.detail or {}
+    predicted = detail.get("predicted")
+    items = list(detail.items())
+    if isinstance(predicted, dict):
+        items += [(f"predicted_{key}", value) for key, value in predicted.items()]
+    for key, value in items:
         if isinstance(value, (str, int, float, bool)) and key not in row:
             row[key] = value
     return row

@@ -1,28 +1,29 @@
 """What the energy model predicted for each measured phase, before and after calibration (pure).
 
 The report compares every stored energy phase with the testbed energy model
-(``basestation.energy.testbed_model``) evaluated at the work that phase did:
+(``basestation.energy.testbed_model``) evaluated at the work the device did in
+that round (:class:`Work`, from its energy report and the round plan):
 
-- ``train``: ``iterations * E_iter(n)`` with the round's plan (n, local
-  iterations, minibatch) and the architecture's MAC count;
+- ``train``: ``iterations * E_iter(n)`` with the minibatch size and the
+  architecture's MAC count;
 - ``uplink``: ``joules_per_message + joules_per_bit * bits`` with the bits the
-  device really sent (the stored update's size, headers included), or
-  ``m * d`` when the update was not stored.
+  device sent (its update's size, headers included), or ``m * d`` when unknown.
 
 *Before calibration* uses the model's prior parameters (Raspberry Pi 4
-defaults); *after calibration* uses the calibration the basestation had fitted
-before that round (a fit stored after round r - 1 or earlier), per device
-once the device has ``MIN_DEVICE_RECORDS`` records and the fleet's fit before,
-so the calibrated figure is a prediction, not a fit to the same measurement. Phases
+defaults). *After calibration* uses the last calibration the basestation had
+stored when the round opened (:func:`fit_at`), per device once the device has
+``MIN_DEVICE_RECORDS`` records and the fleet's fit before, as the measured
+policy does; it is a prediction, never a fit to the same measurement. Phases
 other than ``train`` and ``uplink`` have no modelled energy.
 
-    >>> plans = {3: PlanFacts(n=8, m=8, iterations=5, batch_size=32, model="mlp")}
-    >>> model_j, calibrated_j = predict_phase("pi-0", 3, "train", plans, fits=[], uplink_bits=None)
+    >>> work = Work(n=8, m=8, iterations=5, batch_size=32, model="mlp", uplink_bits=20_080)
+    >>> model_j, calibrated_j = predict_phase("pi-0", "train", work, fit=None)
 """
 
 from __future__ import annotations
 
 import inspect
+from bisect import bisect_right
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -39,14 +40,15 @@ MIN_DEVICE_RECORDS: int = inspect.signature(MeasuredPolicy).parameters["min_devi
 
 
 @dataclass(frozen=True)
-class PlanFacts:
-    """The parts of a round plan the energy model needs."""
+class Work:
+    """What one device did in one round: precisions, local iterations, minibatch, architecture, bits sent."""
 
     n: int
     m: int
     iterations: int
     batch_size: int
     model: str
+    uplink_bits: int | None = None
 
 
 @lru_cache(maxsize=16)
@@ -54,41 +56,44 @@ def _counts(model: str) -> Counts:
     return counts(get_architecture(model))
 
 
-def fit_before(round_: int, fits: list[tuple[int, Calibration]]) -> Calibration | None:
-    """The latest calibration fitted after a round earlier than ``round_`` (fits in storage order)."""
-    usable = [fit for fitted_after, fit in fits if fitted_after < round_]
-    return usable[-1] if usable else None
+def fit_at(opened_at: float, fits: list[tuple[float, Calibration]]) -> Calibration | None:
+    """The calibration in force when a round opened: the last one stored at or before ``opened_at``.
+
+    ``fits`` are ``(fitted_at, calibration)`` in storage order. Time, not the
+    round number stored beside a fit, decides, so the rule holds however the
+    basestation numbers its fits.
+    """
+    times = [t for t, _ in fits]
+    index = bisect_right(times, opened_at)
+    return fits[index - 1][1] if index else None
 
 
-def phase_energy(params: DeviceEnergyParams, phase: str, plan: PlanFacts, uplink_bits: int | None) -> float | None:
+def phase_energy(params: DeviceEnergyParams, phase: str, work: Work) -> float | None:
     """Modelled joules of ``phase`` with device parameters ``params``; None for a phase the model lacks."""
     if phase not in MODELLED_PHASES:
         return None
-    size = _counts(plan.model)
+    size = _counts(work.model)
     if phase == "train":
-        model = TestbedEnergy(size, {"device": params}, batch_size=plan.batch_size)
-        return float(model.train_energy(plan.n)[0]) * plan.iterations
+        model = TestbedEnergy(size, {"device": params}, batch_size=work.batch_size)
+        return float(model.train_energy(work.n)[0]) * work.iterations
     # What a message carries beyond the m * d payload bits (header, names, signature) is the model's overhead.
-    overhead = 0 if uplink_bits is None else max(uplink_bits - plan.m * size.params, 0)
+    overhead = 0 if work.uplink_bits is None else max(work.uplink_bits - work.m * size.params, 0)
     model = TestbedEnergy(size, {"device": params}, overhead_bits=overhead)
-    return float(model.uplink_energy(plan.m)[0])
+    return float(model.uplink_energy(work.m)[0])
 
 
-def predict_phase(device: str, round_: int, phase: str, plans: dict[int, PlanFacts],
-                  fits: list[tuple[int, Calibration]], uplink_bits: int | None,
+def predict_phase(device: str, phase: str, work: Work, fit: Calibration | None,
                   prior: DeviceEnergyParams = PI4_DEFAULTS,
                   min_records: int = MIN_DEVICE_RECORDS) -> tuple[float | None, float | None]:
     """``(model_joules, calibrated_joules)`` of one measured phase; None where there is nothing to predict.
 
-    None for both when the round has no plan or the phase is not modelled;
-    ``calibrated_joules`` is None while no calibration preceded the round.
+    ``calibrated_joules`` is None without a calibration (``fit``). Raises
+    ValueError for an architecture the model does not know.
     """
-    plan = plans.get(round_)
-    if plan is None or phase not in MODELLED_PHASES:
+    if phase not in MODELLED_PHASES:
         return None, None
-    before = phase_energy(prior, phase, plan, uplink_bits)
-    fit = fit_before(round_, fits)
+    before = phase_energy(prior, phase, work)
     if fit is None:
         return before, None
     calibrated = prior.with_calibration(fit.for_device(device, min_records=min_records), table=False)
-    return before, phase_energy(calibrated, phase, plan, uplink_bits)
+    return before, phase_energy(calibrated, phase, work)
