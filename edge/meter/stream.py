@@ -6,7 +6,7 @@ bytes arrived and the host time at which they were read. The reader thread in
 streams::
 
     stream = MeterStream(rate_hz=1000)
-    stream.feed(b"#QFLM,1,m1,1.0,100,399F,1000*..\\n", time.monotonic())
+    stream.feed(identification_line, time.monotonic())
     token = stream.open_phase("train", start)
     stream.feed(more_bytes, time.monotonic())
     stream.close_phase(token, end)
@@ -19,6 +19,10 @@ register), V = bus volts, P = V * I. A sample is invalid (counted in
 shunt reading sits at the full scale of its PGA range (the true current may
 be larger). Consecutive valid samples at most ``max_bridge_samples + 1``
 periods apart are integrated, bridging lost lines; anything longer is a gap.
+The first ``warmup_seconds`` of samples of a run (after start, reconnection
+or a meter restart) are held back until the clock fit has a bucket of
+minimum-delay points, so the run is placed on the host clock by a good fit
+rather than by the delay of its very first line.
 """
 
 from __future__ import annotations
