@@ -179,7 +179,9 @@ class Basestation:
                 events = self._next_events()
                 if events:
                     self._process(events)
-                self._tick(time.time())
+                for _ in range(3):  # e.g. aggregate, then open the next round at once
+                    if not self._tick(time.time()):
+                        break
         finally:
             self.link.stop()
             if not self.finished:
@@ -235,7 +237,10 @@ class Basestation:
         self.link.publish(self.topics.round, self.plan.to_json(), qos=1, retain=True)
 
     # ---- round state machine ----
-    def _tick(self, now: float) -> None:
+    def _tick(self, now: float) -> bool:
+        """Advance the round state machine; True if the state changed (so another tick may do more)."""
+        if self.finished:
+            return False
         if self.progress is not None:
             verdict = self.progress.verdict(now, self.config.round.extensions)
             if verdict == "aggregate":
@@ -244,16 +249,18 @@ class Basestation:
                 self._extend(now)
             elif verdict == "abandon":
                 self._abandon()
-            return
+            return verdict != "wait"
         done = len(self.store.rounds(self.config.experiment, status="aggregated"))
         if self.target_rounds and done >= self.target_rounds:
             self._finish(now)
-            return
+            return False
         eligible = self.ingest.eligible()
         needed = self.config.round.min_devices if not self.store.rounds(self.config.experiment) \
             else self.config.round.min_online
         if len(eligible) >= needed:
             self._open_round(eligible, now)
+            return True
+        return False
 
     def _energy_inputs(self) -> tuple[list[Any], list[Any]]:
         """EnergyRecords and RoundStats for the policy, from every stored energy report."""
@@ -369,6 +376,7 @@ class Basestation:
         self._end_round()
 
     def _end_round(self) -> None:
+        self.store.checkpoint()
         self.progress = None
         self.accumulator = None
         self.ingest.close_round()

@@ -328,6 +328,9 @@ class Store:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            # Update payloads pass through the WAL; checkpointing every 4 MB (the default) would copy
+            # them again during ingest. Checkpoint at 64 MB, and at round ends (checkpoint()).
+            self._db.execute("PRAGMA wal_autocheckpoint=16384")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
@@ -375,6 +378,10 @@ class Store:
         self._depth -= 1
         if self._depth == 0:
             self._db.execute("COMMIT")
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file now (between rounds, off the ingest path)."""
+        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
         """Close the file (safe twice)."""

@@ -49,6 +49,14 @@ def check_update(values: Tensors, reference: Tensors) -> None:
 
         >>> check_update({"w": np.zeros(2)}, {"w": np.ones(2)})
     """
+    check_shapes(values, reference)
+    for name, value in values.items():
+        if not np.all(np.isfinite(value)):
+            raise AggregationError(f"tensor {name!r} holds non-finite values")
+
+
+def check_shapes(values: Tensors, reference: Tensors) -> None:
+    """Raise AggregationError unless ``values`` has exactly the tensor names and shapes of ``reference``."""
     if list(values) != list(reference):
         missing = sorted(set(reference) - set(values))
         extra = sorted(set(values) - set(reference))
@@ -57,8 +65,6 @@ def check_update(values: Tensors, reference: Tensors) -> None:
         got = np.shape(values[name])
         if got != np.shape(ref):
             raise AggregationError(f"tensor {name!r} has shape {got}; the model's is {np.shape(ref)}")
-        if not np.all(np.isfinite(values[name])):
-            raise AggregationError(f"tensor {name!r} holds non-finite values")
 
 
 def _check_weight(weight: float) -> float:
@@ -81,20 +87,21 @@ class PartialSum:
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     weight: float = 0.0
     count: int = 0
+    _scratch: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, values: Tensors, weight: float) -> None:
-        """Accumulate one result."""
+        """Accumulate one result (finiteness is checked once, on the sums, by :meth:`result`)."""
         w = _check_weight(weight)
         if self.count:
-            check_update(values, self.sums)
+            check_shapes(values, self.sums)
             for name, value in values.items():
-                self.sums[name] += w * np.asarray(value, dtype=np.float64)
+                scratch = self._scratch.get(name)
+                if scratch is None:
+                    scratch = self._scratch[name] = np.empty(np.shape(value), np.float64)
+                np.multiply(value, w, out=scratch, dtype=np.float64)
+                np.add(self.sums[name], scratch, out=self.sums[name])
         else:
-            for name, value in values.items():
-                arr = np.asarray(value, dtype=np.float64)
-                if not np.all(np.isfinite(arr)):
-                    raise AggregationError(f"tensor {name!r} holds non-finite values")
-                self.sums[name] = w * arr
+            self.sums = {name: np.multiply(value, w, dtype=np.float64) for name, value in values.items()}
         self.weight += w
         self.count += 1
 
@@ -112,7 +119,12 @@ class PartialSum:
         """The weighted mean, float32."""
         if not self.count:
             raise AggregationError("no results to aggregate")
-        return {name: (total / self.weight).astype(np.float32) for name, total in self.sums.items()}
+        out = {}
+        for name, total in self.sums.items():
+            if not np.all(np.isfinite(total)):
+                raise AggregationError(f"tensor {name!r} holds non-finite values")
+            out[name] = (total / self.weight).astype(np.float32)
+        return out
 
 
 @dataclass

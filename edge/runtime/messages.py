@@ -195,7 +195,8 @@ class Ack:
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes."""
-        return canonical(asdict(self))
+        return canonical({"kind": self.kind, "round": self.round, "nonce": self.nonce, "status": self.status,
+                          "reason": self.reason})
 
     @classmethod
     def from_json(cls, data: bytes) -> "Ack":
