@@ -253,6 +253,13 @@ def test_run_with_zero_rounds_says_so(tmp_path: Path) -> None:
     assert rows == []
 
 
+def test_rewriting_a_report_removes_its_own_stale_figures_only(tmp_path: Path) -> None:
+    write_report([synthetic_run("r", 8, rounds=2)], tmp_path)
+    (tmp_path / "figures" / "mine.png").write_bytes(b"not the report's")
+    files = write_report([RunData("r", tmp_path, {}, [], [], [], None)], tmp_path)
+    assert files.figures == [] and sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["mine.png"]
+
+
 def test_run_with_energy_but_no_rounds_still_draws_energy(tmp_path: Path) -> None:
     full = synthetic_run("cut", 5, rounds=2)
     run = RunData("cut", tmp_path, {}, [], full.energy, [], None)

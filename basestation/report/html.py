@@ -152,7 +152,8 @@ def render_section(section: RunSection) -> str:
 
 
 def render_page(*, title: str, generated: str, target: float, sections: list[RunSection], comparison: Table,
-                comparison_figures: list[FigureImage], files: list[str]) -> str:
+                comparison_figures: list[FigureImage], files: list[str],
+                comparison_missing: list[str] | None = None) -> str:
     """The whole report page as one HTML string."""
     names = ", ".join(s.name for s in sections)
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -166,6 +167,7 @@ def render_page(*, title: str, generated: str, target: float, sections: list[Run
              "devices and phases up to and including it. The saving is relative to the baseline run.</p>",
              render_table(comparison, empty="no runs")]
     parts += [render_figure(f) for f in comparison_figures]
+    parts += [f'<p class="missing">{_e(reason)}</p>' for reason in comparison_missing or []]
     parts += [render_section(s) for s in sections]
     parts += ["<h2>Files</h2>", "<p>Written beside this page:</p>",
               "<ul>" + "".join(f"<li><code>{_e(f)}</code></li>" for f in files) + "</ul>",

@@ -11,6 +11,7 @@ written at the end of a long run is never lost to one bad plot.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -110,7 +111,8 @@ def _summary(run: RunData, target: metrics.TargetResult) -> list[tuple[str, str]
         ("best accuracy", fmt(max(accuracies) if accuracies else None, "acc")),
         ("total measured energy", tables.format_joules(metrics.total_measured_j(run))
          + f" over {len(run.energy)} energy reports"),
-        ("of which above idle", tables.format_joules(sum(r.joules_above_idle for r in run.energy))),
+        ("of which above idle", tables.format_joules(
+            math.fsum(r.joules_above_idle for r in run.energy if math.isfinite(r.joules_above_idle)))),
         ("devices", str(len({r.device for r in run.energy}))),
         ("MAPE before calibration", fmt(overall.mape_model, "pct")),
         ("MAPE after calibration", fmt(overall.mape_calibrated, "pct")),
@@ -142,47 +144,63 @@ def write_report(runs: list[RunData], out_dir: str | Path, *, target_accuracy: f
     figure_dir = out / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
 
-    slugs = unique_names([slugify(run.name) for run in runs])
     all_tables = {t.name: t for t in (tables.rounds_table(runs), tables.energy_table(runs),
                                       tables.errors_table(runs), tables.ground_truth_table(runs),
                                       tables.comparison_table(comparison), tables.decisions_table(runs))}
     csv_paths = [tables.write_csv(t, out / f"{name}.csv") for name, t in all_tables.items()]
-
-    sections = []
-    figure_paths = []
-    for run, slug, row in zip(runs, slugs, comparison):
-        drawn, missing = {}, {}
-        for key, (title, caption, empty, draw) in RUN_FIGURES.items():
-            image, reason = draw_figure(key, title, caption, lambda d=draw: d(run), empty,
-                                  f"{slug}-{key}.png", figure_dir)
-            if image is None:
-                missing[key] = reason
-            else:
-                drawn[key] = image
-                figure_paths.append(figure_dir / image.filename)
-        per_run = {name: t.where("run", run.name).without("run") for name, t in all_tables.items()}
-        sections.append(RunSection(name=run.name, slug=slug, path=str(run.path), summary=_summary(run, row.target),
-                                   notes=metrics.run_notes(run), figures=drawn, missing=missing, tables=per_run,
-                                   config=run.config))
-
-    comparison_images = []
+    sections = [_run_section(run, slug, row.target, all_tables, figure_dir)
+                for run, slug, row in zip(runs, unique_names([slugify(r.name) for r in runs]), comparison)]
+    comparison_images, comparison_missing = [], []
     if len(runs) > 1:
-        specs = [("comparison-accuracy-energy", "Accuracy against energy, all runs",
-                  "Test accuracy against cumulative measured energy for each run; the dotted line is the target.",
-                  lambda: figures.comparison_accuracy_figure(runs, target_accuracy)),
-                 ("comparison-energy-to-target", "Energy to the target accuracy",
-                  "Measured energy each run used until its first round at or above the target.",
-                  lambda: figures.comparison_target_figure(comparison))]
-        for key, title, caption, draw in specs:
-            image, _ = draw_figure(key, title, caption, draw, "", f"{key}.png", figure_dir)
-            if image is not None:
+        for key, title, caption, draw in _comparison_figures(runs, target_accuracy, comparison):
+            image, reason = draw_figure(key, title, caption, draw, f"{title}: nothing to draw.", f"{key}.png",
+                                        figure_dir)
+            if image is None:
+                comparison_missing.append(reason)
+            else:
                 comparison_images.append(image)
-                figure_paths.append(figure_dir / image.filename)
 
+    images = [image for section in sections for image in section.figures.values()] + comparison_images
+    figure_paths = [figure_dir / image.filename for image in images]
+    _remove_stale_figures(figure_dir, [s.slug for s in sections], {p.name for p in figure_paths})
     files = [p.name for p in csv_paths] + [f"figures/{p.name}" for p in figure_paths]
     page = render_page(title=TITLE, generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                        target=target_accuracy, sections=sections, comparison=all_tables["comparison"],
-                       comparison_figures=comparison_images, files=files)
+                       comparison_figures=comparison_images, comparison_missing=comparison_missing, files=files)
     html_path = out / "report.html"
     _write_bytes(html_path, page.encode("utf-8"))
     return ReportFiles(html=html_path, figures=figure_paths, csv=csv_paths)
+
+
+def _run_section(run: RunData, slug: str, target: metrics.TargetResult, all_tables: dict[str, tables.Table],
+                 figure_dir: Path) -> RunSection:
+    """Draw one run's figures and gather what its part of the page shows."""
+    drawn, missing = {}, {}
+    for key, (title, caption, empty, draw) in RUN_FIGURES.items():
+        image, reason = draw_figure(key, title, caption, lambda d=draw: d(run), empty, f"{slug}-{key}.png",
+                                    figure_dir)
+        if image is None:
+            missing[key] = reason
+        else:
+            drawn[key] = image
+    per_run = {name: t.where("run", run.name).without("run") for name, t in all_tables.items()}
+    return RunSection(name=run.name, slug=slug, path=str(run.path), summary=_summary(run, target),
+                      notes=metrics.run_notes(run), figures=drawn, missing=missing, tables=per_run,
+                      config=run.config)
+
+
+def _comparison_figures(runs: list[RunData], target: float, comparison: list[metrics.Comparison]) -> list[tuple]:
+    return [("comparison-accuracy-energy", "Accuracy against energy, all runs",
+             "Test accuracy against cumulative measured energy for each run; the dotted line is the target.",
+             lambda: figures.comparison_accuracy_figure(runs, target)),
+            ("comparison-energy-to-target", "Energy to the target accuracy",
+             "Measured energy each run used until its first round at or above the target.",
+             lambda: figures.comparison_target_figure(comparison))]
+
+
+def _remove_stale_figures(figure_dir: Path, slugs: list[str], written: set[str]) -> None:
+    """Delete figures an earlier report of the same runs left behind (e.g. a plot that has no data now)."""
+    ours = {f"{slug}-{key}.png" for slug in slugs for key in RUN_FIGURES}
+    ours |= {"comparison-accuracy-energy.png", "comparison-energy-to-target.png"}
+    for name in sorted(ours - written):
+        (figure_dir / name).unlink(missing_ok=True)
