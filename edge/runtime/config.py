@@ -11,7 +11,7 @@ Example file (``firmware_tools.provision`` writes one per device)::
     model_key = "<64 hex digits>"     # checks the basestation's global-model messages
     shard = "shard.npz"               # this device's training data (edge.data.save_shard)
     board = "pi4"
-    meter_port = "/dev/ttyACM0"       # leave out to run without a power meter
+    meter_port = "/dev/ttyACM0"       # leave out to run without a power meter; relative: beside this file
     spool_dir = "spool"
     seed = 0
 
@@ -136,6 +136,13 @@ def broker_settings(table: Mapping[str, Any], base: Path, where: str) -> BrokerS
         raise ConfigError(f"{where} [broker]: {exc}") from None
 
 
+def meter_port_path(port: str | None, base: Path) -> str | None:
+    """A serial device path relative to the config file's folder; absolute paths and pyserial URLs stay as given."""
+    if port is None or "://" in port or Path(port).is_absolute():
+        return port
+    return str(base / port)
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
     """A parsed ``device.toml`` (see the module docstring)."""
@@ -150,6 +157,7 @@ class DeviceConfig:
     board: str = "unknown"
     meter_port: str | None = None
     meter_idle_seconds: float = 1.0
+    meter_wait_seconds: float = 10.0
     seed: int = 0
     exit_when_finished: bool = True
     publish_timeout: float = 10.0
@@ -184,8 +192,9 @@ class DeviceConfig:
             broker=broker_settings(t.table("broker"), base, where),
             spool_dir=t.path("spool_dir", base, "spool"),  # type: ignore[arg-type]
             board=t.get("board", str, "unknown"),
-            meter_port=t.get("meter_port", str, None),
+            meter_port=meter_port_path(t.get("meter_port", str, None), base),
             meter_idle_seconds=t.number("meter_idle_seconds", 1.0, low=0.0, high=60.0),
+            meter_wait_seconds=t.number("meter_wait_seconds", 10.0, low=0.0, high=600.0),
             seed=t.integer("seed", 0, low=0),
             exit_when_finished=t.get("exit_when_finished", bool, True),
             publish_timeout=t.number("publish_timeout", 10.0, low=0.1, high=600.0),

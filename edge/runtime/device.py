@@ -123,6 +123,7 @@ class EdgeRuntime:
         if self.meter is None and self.config.meter_port:
             from edge.meter import PowerMeter
 
+            wait_for_port(self.config.meter_port, self.config.meter_wait_seconds, self._stop)
             self.meter = PowerMeter(self.config.meter_port, idle_seconds=self.config.meter_idle_seconds)
             self._own_meter = True
         log.info("device %s: %d samples, meter %s, broker %s", self.config.device_id, len(self.y),
@@ -315,3 +316,13 @@ class EdgeRuntime:
                   "firmware": identity.firmware if identity is not None else None,
                   "counters": meter.counters.as_dict()}
         return {"id": self._meter_id(), "board": self.config.board, "phases": phases, "health": health}
+
+
+def wait_for_port(port: str, seconds: float, stop: threading.Event) -> None:
+    """Wait up to ``seconds`` for a serial device path to appear (a USB meter still enumerating after boot,
+    or an emulator that starts after this process); PowerMeter then reports a missing port itself."""
+    if "://" in port:
+        return
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(port) and time.monotonic() < deadline and not stop.is_set():
+        time.sleep(0.05)
