@@ -71,9 +71,11 @@ def _finite(value: Any) -> Any:
 def phase_report(phase: Any) -> dict[str, Any]:
     """The JSON figures of one ``edge.meter.PhaseEnergy``: the standard fields, then its counters."""
     out = {name: _finite(getattr(phase, name)) for name in PHASE_FIELDS}
-    for name in ("covered_seconds", "idle_watts", "lost_samples", "overflow_samples", "crc_errors",
+    for name in ("start", "end", "covered_seconds", "idle_watts", "lost_samples", "overflow_samples", "crc_errors",
                  "malformed_lines", "meter_errors", "reconnects"):
         out[name] = _finite(getattr(phase, name))
+    # Host monotonic times: the clock of the emulators' ground-truth logs on the same machine.
+    out["gaps"] = [[_finite(a), _finite(b)] for a, b in phase.gaps]
     return out
 
 
