@@ -5,4 +5,4 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/scripts/bootstrap.sh" --extras dev
 cd "$root"
-exec "${QFL_VENV:-$root/.venv}/bin/qfl" train --dataset digits --model mlp --bits 8 --epochs 20 "$@"
+exec "${QFL_VENV:-$root/.venv}/bin/qfl" testbed "$@"

@@ -1,0 +1,104 @@
+"""Child processes of a testbed run: started with their own log, stopped for sure.
+
+    with Supervisor() as children:
+        edge = children.start("edge-0", ["qfl", "edge", "run", ...], log=run / "logs" / "edge-0.log")
+        ...
+    # on leaving the block, every child still running gets SIGTERM, then SIGKILL
+
+Each child runs in its own session (process group), so a Ctrl-C typed in the
+terminal reaches only the testbed, which then stops the children in order
+instead of all of them dying at once mid-write.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass
+class Child:
+    """A started child process and where its output goes."""
+
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        """True while the process has not exited."""
+        return self.process.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        """Last ``lines`` lines of the child's log, for error messages."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Supervisor:
+    """Starts children and stops every one of them (process group included) on close."""
+
+    env: dict[str, str] | None = None
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, argv: Sequence[str], *, log: Path, cwd: Path | None = None) -> Child:
+        """Start ``argv`` with stdout and stderr appended to ``log``."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                       cwd=cwd, env=self.env, start_new_session=True)
+        child = Child(name, process, log)
+        self.children.append(child)
+        return child
+
+    def stop(self, child: Child, *, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
+        """Signal ``child``'s process group, wait up to ``timeout`` s, then kill it; returns its exit code."""
+        if child.running():
+            _signal_group(child.pid, sig)
+            try:
+                child.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(child.pid, signal.SIGKILL)
+                child.process.wait()
+        # The group may hold grandchildren that outlive the leader.
+        _signal_group(child.pid, signal.SIGKILL)
+        return child.process.returncode
+
+    def close(self, *, timeout: float = 10.0) -> None:
+        """Stop every child, newest first (edges before the basestation before the broker)."""
+        for child in reversed(self.children):
+            self.stop(child, timeout=timeout)
+
+    def __enter__(self) -> "Supervisor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_for(predicate, *, timeout: float, interval: float = 0.05, what: str = "condition") -> None:
+    """Poll ``predicate()`` until it is true; TimeoutError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,109 @@
+"""Live progress of a testbed run, read from the basestation's store while it runs.
+
+The store is SQLite in WAL mode, so reading it from here never blocks the
+basestation's writes. On a terminal the table redraws in place (rich); in a
+log or a pipe one line is printed per finished round.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """One row of the progress table."""
+
+    round: int
+    status: str
+    selected: int
+    answered: int
+    n: int
+    m: int
+    accuracy: float | None
+    energy_j: float
+
+
+def read_progress(store: Path, experiment: str) -> list[RoundProgress]:
+    """Rounds so far with the energy devices reported for each; [] until the basestation made its store."""
+    from basestation.store import Store
+
+    if not store.exists():
+        return []
+    try:
+        with Store(store) as db:
+            if db.experiment(experiment) is None:
+                return []
+            energy: dict[int, float] = {}
+            for record in db.energy(experiment):
+                energy[record.round] = energy.get(record.round, 0.0) + (record.joules or 0.0)
+            return [RoundProgress(r.round, r.status, len(r.selected), r.accepted, r.n, r.m, r.accuracy,
+                                  energy.get(r.round, 0.0)) for r in db.rounds(experiment)]
+    except (sqlite3.Error, RuntimeError):
+        return []  # being created, or locked for a moment: try again next tick
+
+
+def progress_table(rows: list[RoundProgress], *, title: str, devices_online: int | None = None) -> Table:
+    """The rich table shown while a run goes on."""
+    total = sum(r.energy_j for r in rows)
+    caption = f"energy so far {total:.1f} J"
+    if devices_online is not None:
+        caption += f" · {devices_online} edge processes running"
+    table = Table(title=title, caption=caption)
+    for header, justify in (("round", "right"), ("status", "left"), ("answered", "right"), ("n/m bits", "center"),
+                            ("accuracy", "right"), ("energy J", "right")):
+        table.add_column(header, justify=justify)
+    for r in rows[-15:]:
+        accuracy = "" if r.accuracy is None else f"{r.accuracy:.3f}"
+        table.add_row(str(r.round), r.status, f"{r.answered}/{r.selected}", f"{r.n}/{r.m}", accuracy,
+                      f"{r.energy_j:.1f}")
+    return table
+
+
+def round_line(r: RoundProgress, total_j: float) -> str:
+    """One plain line for a finished round (non-terminal output)."""
+    accuracy = "-" if r.accuracy is None else f"{r.accuracy:.3f}"
+    return (f"round {r.round:>3}: {r.status:<9} answered {r.answered}/{r.selected}  n={r.n} m={r.m}  "
+            f"accuracy {accuracy}  energy {r.energy_j:.1f} J (total {total_j:.1f} J)")
+
+
+class Progress:
+    """Shows rounds as they close; call :meth:`update` every tick, :meth:`close` at the end."""
+
+    def __init__(self, console: Console, store: Path, experiment: str, title: str):
+        self.console = console
+        self.store = store
+        self.experiment = experiment
+        self.title = title
+        self._printed: set[int] = set()
+        self._live = None
+        if console.is_terminal:
+            from rich.live import Live
+
+            self._live = Live(progress_table([], title=title), console=console, refresh_per_second=4)
+            self._live.start()
+
+    def update(self, devices_online: int | None = None) -> list[RoundProgress]:
+        """Re-read the store and redraw (or print newly closed rounds)."""
+        rows = read_progress(self.store, self.experiment)
+        if self._live is not None:
+            self._live.update(progress_table(rows, title=self.title, devices_online=devices_online))
+        else:
+            total = 0.0
+            for r in rows:
+                total += r.energy_j
+                if r.status != "open" and r.round not in self._printed and r.accuracy is not None:
+                    self._printed.add(r.round)
+                    self.console.print(round_line(r, total), highlight=False)
+        return rows
+
+    def close(self) -> None:
+        """Stop redrawing (the last table stays on screen)."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None

@@ -1,0 +1,160 @@
+"""One emulated testbed run, end to end.
+
+    settings = TestbedSettings(devices=4, rounds=10).checked()
+    result = run_testbed(settings, Console())
+    print(result.summary["final_accuracy"], result.report)
+
+Starts a private Mosquitto, the basestation and N edge processes, each edge
+watched by its own meter emulator on its own pseudo-terminal and read through
+the real serial reader; waits for the basestation to finish its rounds; stops
+everything (also on Ctrl-C or SIGTERM, leaving no process and no
+pseudo-terminal link behind); writes ``summary.json`` and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from basestation.broker import Broker, BrokerError, free_port
+from basestation.credentials import Credentials
+from basestation.testbed.prepare import RunLayout, prepare_run
+from basestation.testbed.processes import Child, Supervisor, wait_for
+from basestation.testbed.progress import Progress
+from basestation.testbed.settings import TestbedSettings
+
+
+class TestbedError(RuntimeError):
+    """A run could not complete; the message names the process and quotes its log."""
+
+    __test__ = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run left behind."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    report: Path | None
+
+
+def qfl_argv(*args: str) -> list[str]:
+    """The command line that runs ``qfl ARGS`` with this interpreter (no reliance on PATH)."""
+    return [sys.executable, "-m", "edge.cli", *args]
+
+
+class _Stop(Exception):
+    """Raised from the SIGTERM handler so the run unwinds like on Ctrl-C."""
+
+
+def run_testbed(settings: TestbedSettings, console: Console) -> RunResult:
+    """Run one experiment as ``settings`` says; see the module docstring."""
+    settings = settings.checked()
+    started = time.monotonic()
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    broker: Broker | None = None
+    try:
+        with Supervisor() as children:
+            broker, layout = _start_broker(settings)
+            console.print(f"[bold]qfl testbed[/] run [cyan]{settings.name}[/] in {layout.root}: "
+                          f"{settings.devices} devices, {settings.rounds} rounds, policy {settings.policy}, "
+                          f"board {settings.board}; broker {broker.url}", highlight=False)
+            station = children.start("basestation", qfl_argv("basestation", "serve", "--config",
+                                                             str(layout.basestation_config)),
+                                     log=layout.logs / "basestation.log")
+            edges = [_start_device(children, layout, device, index, settings)
+                     for index, device in enumerate(sorted(layout.devices))]
+            _follow(settings, layout, station, edges, children, console)
+            for edge in edges:
+                children.stop(edge, timeout=15.0)
+    except (KeyboardInterrupt, _Stop):
+        console.print(f"[yellow]interrupted[/]: every process was stopped; partial results in {settings.run_dir}")
+        raise KeyboardInterrupt from None
+    finally:
+        if broker is not None:
+            broker.stop()
+        signal.signal(signal.SIGTERM, previous)
+    seconds = time.monotonic() - started
+    return _finish(settings, layout, seconds, console)
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop()
+
+
+def _start_broker(settings: TestbedSettings) -> tuple[Broker, RunLayout]:
+    """Pick a port, prepare the run around it, start Mosquitto (another port if that one was taken)."""
+    port = free_port()
+    layout = prepare_run(settings, f"mqtt://127.0.0.1:{port}")
+    accounts = Credentials.load(layout.credentials).accounts()
+    broker = Broker(layout.broker_dir, accounts=accounts, experiment=settings.experiment, port=port)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        raise TestbedError(f"the private Mosquitto did not start: {exc}") from None
+    return broker, layout
+
+
+def _start_device(children: Supervisor, layout: RunLayout, device: str, index: int,
+                  settings: TestbedSettings) -> Child:
+    """Start one edge process, then the meter emulator that watches it."""
+    edge = children.start(device, qfl_argv("edge", "run", "--config", str(layout.device_config(device))),
+                          log=layout.logs / f"{device}.log")
+    children.start(f"meter-{device}", qfl_argv(
+        "meter", "emulate", "--pid", str(edge.pid), "--board", settings.board,
+        "--link", str(layout.meter_link(device)), "--seed", str(settings.seed * 1000 + index),
+        "--rate", str(settings.meter_rate_hz), "--ground-truth", str(layout.ground_truth / f"{device}.csv")),
+        log=layout.logs / f"meter-{device}.log")
+    return edge
+
+
+def _follow(settings: TestbedSettings, layout: RunLayout, station: Child, edges: list[Child],
+            children: Supervisor, console: Console) -> None:
+    """Show progress until the basestation exits; fail early, with the log, if a process dies."""
+    progress = Progress(console, layout.store, settings.experiment,
+                        f"{settings.name}: {settings.policy} policy, {settings.devices} x {settings.board}")
+    try:
+        while station.running():
+            for child in children.children:
+                if child is not station and not child.running() and child.process.returncode not in (0, None):
+                    raise TestbedError(f"{child.name} exited with status {child.process.returncode}; "
+                                       f"last lines of {child.log}:\n{child.tail()}")
+            progress.update(devices_online=sum(edge.running() for edge in edges))
+            time.sleep(0.25)
+        progress.update(devices_online=sum(edge.running() for edge in edges))
+    finally:
+        progress.close()
+    if station.process.returncode != 0:
+        raise TestbedError(f"the basestation exited with status {station.process.returncode}; "
+                           f"last lines of {station.log}:\n{station.tail()}")
+
+
+def _finish(settings: TestbedSettings, layout: RunLayout, seconds: float, console: Console) -> RunResult:
+    """Write summary.json and the report; print where they are."""
+    from basestation.report.load import load_run
+    from basestation.report.writer import write_report
+    from basestation.testbed.summary import summarize
+
+    run = load_run(layout.root, experiment=settings.experiment)
+    summary = summarize(settings, layout, run, seconds)
+    (layout.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    run = load_run(layout.root, experiment=settings.experiment)
+    report = write_report([run], layout.root, target_accuracy=settings.target_accuracy).html
+    console.print(f"final accuracy {summary['final_accuracy']:.3f} after {summary['rounds']} rounds; measured "
+                  f"{summary['energy_j']:.1f} J, modelled {_fmt(summary['energy_model_j'])} J; {seconds:.0f} s",
+                  highlight=False)
+    console.print(f"report: {report}", highlight=False)
+    return RunResult(layout.root, summary, report)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+

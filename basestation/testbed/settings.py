@@ -1,0 +1,82 @@
+"""What one emulated testbed run is: its size, data, model, policy and board."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+POLICIES = ("measured", "model", "fixed")
+BOARDS = ("pi-zero-2w", "pi4", "pi5")
+
+
+class SettingsError(ValueError):
+    """A testbed setting out of range; the message names the setting and what it accepts."""
+
+
+@dataclass(frozen=True)
+class TestbedSettings:
+    """Every knob of ``qfl testbed`` (see ``qfl testbed --help`` for their meaning)."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    devices: int = 4
+    rounds: int = 10
+    dataset: str = "digits"
+    model: str = "mlp"
+    partition: str = "iid"
+    policy: str = "measured"
+    bits: int = 8
+    uplink_bits: int = 8
+    board: str = "pi4"
+    seed: int = 0
+    iterations: int = 20
+    lr: float = 0.2
+    batch_size: int = 32
+    mode: str = "int"
+    deadline_seconds: float = 30.0
+    quorum: float = 0.75
+    meter_rate_hz: int = 1000
+    target_accuracy: float = 0.9
+    out: Path = Path("runs")
+    name: str = ""
+
+    def checked(self) -> "TestbedSettings":
+        """Return the settings with a run name filled in; SettingsError for anything out of range."""
+        if not 1 <= self.devices <= 64:
+            raise SettingsError(f"--devices must be 1..64 on one machine, got {self.devices}")
+        if not 1 <= self.rounds <= 10_000:
+            raise SettingsError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.policy not in POLICIES:
+            raise SettingsError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.board not in BOARDS:
+            raise SettingsError(f"--board must be one of {', '.join(BOARDS)}, got {self.board!r}")
+        for flag, value in (("--bits", self.bits), ("--uplink-bits", self.uplink_bits)):
+            if not 1 <= value <= 32:
+                raise SettingsError(f"{flag} must be 1..32, got {value}")
+        if not 0.0 < self.quorum <= 1.0:
+            raise SettingsError(f"--quorum must be in (0, 1], got {self.quorum}")
+        if not 0.0 < self.target_accuracy <= 1.0:
+            raise SettingsError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
+        name = self.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{self.policy}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+            raise SettingsError(f"run name must be letters, digits, '.', '_' or '-', got {name!r}")
+        return replace(self, name=name)
+
+    @property
+    def experiment(self) -> str:
+        """Experiment id in the store and on the broker topics (the run name, MQTT-safe)."""
+        return re.sub(r"[^A-Za-z0-9_-]", "-", self.name)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run writes everything."""
+        return self.out / self.name
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe dict, written to the run's ``config.json``."""
+        doc = asdict(self)
+        doc["out"] = str(self.out)
+        return doc

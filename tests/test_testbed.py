@@ -1,0 +1,102 @@
+"""The emulated testbed end to end: real Mosquitto, real edge processes, emulated meters on ptys."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes whose arguments contain ``text`` (zombies excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(cmdline)
+    return found
+
+
+def leftover_links(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.glob("provision/devices/*/meter.tty") if p.is_symlink() or p.exists()]
+
+
+def qfl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edge.cli", *args]
+
+
+def test_short_run_end_to_end(tmp_path: Path) -> None:
+    out = subprocess.run(qfl("testbed", "--devices", "2", "--rounds", "3", "--out", str(tmp_path), "--name", "short",
+                             "--policy", "fixed", "--json"), capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    run_dir = tmp_path / "short"
+    assert summary == json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["devices"] == 2
+    assert 0.0 < summary["final_accuracy"] <= 1.0
+    assert summary["accuracy"][-1] > summary["accuracy"][0]
+    for key in ("energy_j", "energy_model_j", "seconds"):
+        assert summary[key] is not None and summary[key] > 0, key
+
+    # The measured energy is the sum of the stored energy reports ...
+    with sqlite3.connect(run_dir / "store.sqlite") as db:
+        reports = [json.loads(row[0]) for row in db.execute("SELECT report FROM energy_reports")]
+    stored = math.fsum(phase["joules"] for report in reports for phase in report["meter"]["phases"].values())
+    assert len(reports) == 2 * 3
+    assert summary["energy_j"] == pytest.approx(stored, rel=1e-9)
+    # ... and agrees with what the emulators really simulated.
+    assert summary["ground_truth_j"] is not None
+    assert abs(summary["ground_truth_error"]) < 0.02
+
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    assert list((run_dir / "figures").glob("*.png"))
+    assert processes_mentioning(str(run_dir)) == []
+    assert leftover_links(run_dir) == []
+
+
+def test_sigint_stops_every_process(tmp_path: Path) -> None:
+    run_dir = tmp_path / "interrupted"
+    testbed = subprocess.Popen(qfl("testbed", "--devices", "2", "--rounds", "50", "--out", str(tmp_path),
+                                   "--name", "interrupted", "--policy", "fixed"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and testbed.poll() is None:
+            store = run_dir / "store.sqlite"
+            if store.exists():
+                try:
+                    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+                        if db.execute("SELECT COUNT(*) FROM rounds WHERE status != 'open'").fetchone()[0] >= 1:
+                            break
+                except sqlite3.Error:
+                    pass
+            time.sleep(0.2)
+        assert testbed.poll() is None, testbed.stdout.read() if testbed.stdout else ""
+        assert processes_mentioning(str(run_dir))  # the run really has children now
+        testbed.send_signal(signal.SIGINT)
+        output, _ = testbed.communicate(timeout=60)
+    finally:
+        if testbed.poll() is None:
+            testbed.kill()
+    assert testbed.returncode == 130, output[-2000:]
+    assert "interrupted" in output
+    assert processes_mentioning(str(run_dir)) == []
+    assert leftover_links(run_dir) == []
+    assert (run_dir / "store.sqlite").exists()  # what was stored stays
