@@ -47,7 +47,7 @@ def run_comparison(settings: TestbedSettings, console: Console) -> dict[str, Any
 def _table(base: dict[str, Any], other: dict[str, Any], saving: float | None, target: float) -> Table:
     table = Table(title=f"measured energy to reach accuracy {target:.2f}")
     for column in ("run", "final accuracy", "round reached", "energy to target J", "total J", "bits n/m (last)"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=(column == "run"))
     for s in (base, other):
         last = s["bits"][-1] if s["bits"] else ["-", "-"]
         reached = "not reached" if s["target_round"] is None else str(s["target_round"])
