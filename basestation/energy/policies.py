@@ -194,8 +194,8 @@ class LoopTuning:
     below this share the settled choice is re-examined; ``samples``: parameter
     draws per decision; ``explore_step``: bits between a candidate and the
     neighbours explored; ``max_explore``: exploration rounds before adopting
-    regardless; ``alpha_prior_sd``: spread of the Gaussian prior on alpha
-    around the prior parameters'; ``min_distinct``: training and uplink
+    regardless; ``alpha_prior_sd``: standard deviation of the Gaussian prior
+    on alpha, centred on the prior parameters' alpha; ``min_distinct``: training and uplink
     precisions the records must span; ``min_device_records``: records before
     a device's own fit replaces the fleet's.
     """
@@ -260,6 +260,9 @@ class MeasuredPolicy:
             raise ValueError(f"devices must be a non-empty list of distinct names, got {devices!r}")
         _check_positive("local_iters", local_iters)
         _check_positive("batch_size", batch_size)
+        _check_positive("messages", messages)
+        if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+            raise ValueError(f"epsilon (the target optimality gap) must be a positive number, got {epsilon!r}")
         if not (isinstance(devices_per_round, int) and 1 <= devices_per_round <= len(self.devices)):
             raise ValueError(f"devices_per_round must be an integer in 1..{len(self.devices)}, "
                              f"got {devices_per_round!r}")
