@@ -60,16 +60,19 @@ class Network:
 
     ``error_rounding`` is how backward errors are put onto the n-bit grid
     ("stochastic", the default, or "nearest"); forward activations always
-    round to nearest.
+    round to nearest. ``float_dtype`` is the float type of the 32-bit path:
+    float32, the baseline, or float64 (for gradient checks).
     """
 
     def __init__(self, arch: specs.Architecture, bits: int = 8, mode: str = "int", seed: int = 0, *,
-                 error_rounding: Rounding = "stochastic") -> None:
+                 error_rounding: Rounding = "stochastic", float_dtype: type = np.float32) -> None:
         if not isinstance(arch, specs.Architecture):
             raise TypeError(f"arch must be a models.Architecture (e.g. models.get_architecture('mlp')), got {arch!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be 'int' or 'master', got {mode!r}")
-        self.arch, self.mode = arch, mode
+        if float_dtype not in (np.float32, np.float64):
+            raise ValueError(f"float_dtype must be numpy.float32 or numpy.float64, got {float_dtype!r}")
+        self.arch, self.mode, self._float_dtype = arch, mode, float_dtype
         self.rng = np.random.default_rng(seed)
         self._uniform = UniformPool(self.rng)  # for stochastic rounding in the hot path
         self._bits = check_bits(bits)
@@ -84,8 +87,8 @@ class Network:
             for suffix, shape in layer.param_shapes:
                 self.param_shapes[f"{index}.{suffix}"] = shape
         self.size = sum(int(np.prod(shape)) for shape in self.param_shapes.values())
-        self.grad = np.zeros(self.size, dtype=np.float32)
-        self.grad_half = np.zeros(self.size, dtype=np.float32)
+        self.grad = np.zeros(self.size, dtype=float_dtype)
+        self.grad_half = np.zeros(self.size, dtype=float_dtype)
         self._load(self._initial_values(), rounding="stochastic")
 
     # -- precision -----------------------------------------------------------
@@ -137,15 +140,17 @@ class Network:
     # -- inference -------------------------------------------------------------
 
     def predict(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        """Logits (float32, shape (N, classes)) of inputs ``x`` shaped (N, *input_shape) or (N, features)."""
+        """Logits, shape (N, classes), of inputs ``x`` shaped (N, *input_shape) or (N, features).
+
+        Float32, or float64 where the network computes in float64 (from 10 bits, or ``float_dtype``).
+        """
         x = self.as_batch(x)
         if len(x) <= batch_size:
-            return self._forward(x, train=False).astype(np.float32, copy=False)
-        return np.concatenate([self._forward(x[i:i + batch_size], train=False).astype(np.float32, copy=False)
-                               for i in range(0, len(x), batch_size)])
+            return self._forward(x, train=False)
+        return np.concatenate([self._forward(x[i:i + batch_size], train=False) for i in range(0, len(x), batch_size)])
 
     def as_batch(self, x: np.ndarray) -> np.ndarray:
-        """``x`` as a float32 batch of shape (N, *input_shape); flat samples of the right size are reshaped."""
+        """``x`` as a float batch of shape (N, *input_shape); flat samples of the right size are reshaped."""
         x = np.asarray(x)
         shape = self.arch.input_shape
         sample = int(np.prod(shape))
@@ -159,8 +164,7 @@ class Network:
             raise ValueError(f"model {self.arch.name!r} expects a batch of inputs, got a scalar")
         if x.dtype.kind not in "fiub":
             raise TypeError(f"inputs must be numbers, got dtype {x.dtype}")
-        dtype = np.float64 if carrier_dtype(self._bits) is np.float64 else np.float32
-        return x.astype(dtype, copy=False)
+        return x.astype(self._float_dtype if self._bits == FLOAT_BITS else carrier_dtype(self._bits), copy=False)
 
     # -- training interface (used by edge.trainer) ----------------------------
 
@@ -181,7 +185,7 @@ class Network:
 
         The hot path: ``x`` must come from :meth:`as_batch` (or be a batch of
         :meth:`quantize_inputs`), ``y`` be int labels.
-        ``self.grad`` (flat, float32, in layer order) receives dL/dw of the
+        ``self.grad`` (flat, float32 unless ``float_dtype``, in layer order) receives dL/dw of the
         batch. With ``split = h`` (0 < h < len(x)), ``self.grad_half`` also
         receives the share of the first h samples (for variance estimates).
         """
@@ -250,7 +254,7 @@ class Network:
         bits = self._bits
         self._master = None
         if bits == FLOAT_BITS:
-            self._q = values.astype(np.float32)
+            self._q = values.astype(self._float_dtype)
         elif self.mode == "master":
             self._master = np.clip(values, -1.0, 1.0).astype(carrier_dtype(bits))
             self._q = quantize_weights(self._master, bits)

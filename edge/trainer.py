@@ -75,21 +75,21 @@ class LocalTrainer:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.lr, self.momentum, self.batch_size = float(lr), float(momentum), batch_size
         self.rng = np.random.default_rng(seed)
-        self._velocity: np.ndarray | None = None
-        self._order: np.ndarray | None = None
+        self._velocity = np.zeros(0, dtype=np.float32)  # momentum state, kept across calls
+        self._order = np.zeros(0, dtype=np.intp)  # the current permutation of the examples
         self._position = 0
 
     def train(self, net: Network, x: np.ndarray, y: np.ndarray, iterations: int) -> TrainResult:
         """Run ``iterations`` SGD steps of ``net`` on ``(x, y)`` and return the delta and statistics."""
         started = time.perf_counter()
-        x, y = _check_data(net, x, y)
-        data = net.quantize_inputs(x)
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+        x, y = _check_data(net, x, y)
+        data = net.quantize_inputs(x)
         batch = min(self.batch_size, len(x))
-        if self._order is None or len(self._order) != len(x):
+        if len(self._order) != len(x):
             self._order, self._position = self.rng.permutation(len(x)), 0
-        if self.momentum and (self._velocity is None or len(self._velocity) != net.size):
+        if self.momentum and len(self._velocity) != net.size:
             self._velocity = np.zeros(net.size, dtype=np.float32)
         half = batch // 2 if batch >= 2 else None
         spread = half * (batch - half) / batch**2 if half else 0.0
@@ -125,7 +125,6 @@ class LocalTrainer:
         )
 
     def _next_batch(self, batch: int) -> np.ndarray:
-        assert self._order is not None  # set in train()
         if self._position + batch > len(self._order):
             self._order, self._position = self.rng.permutation(len(self._order)), 0
         index = self._order[self._position:self._position + batch]
