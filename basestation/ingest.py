@@ -123,7 +123,7 @@ class Ingest:
     def __post_init__(self) -> None:
         self.topics = Topics(self.experiment)
         self.nonces = StoredNonces(self.store, self.experiment)
-        self.registered = {d.device: d for d in self.store.devices(self.experiment)}
+        self.registered = {d.device for d in self.store.devices(self.experiment)}
 
     def open_round(self, round_: int, base_hash: bytes, selected: tuple[str, ...] | list[str],
                    reference: Mapping[str, np.ndarray]) -> None:
@@ -262,7 +262,7 @@ class Ingest:
         self.store.register_device(self.experiment, device, body, now=now)
         self.store.set_device_state(self.experiment, device, "online", now=now)
         first = device not in self.registered
-        self.registered[device] = True  # type: ignore[assignment]
+        self.registered.add(device)
         self.online[device] = "online"
         if first:
             log.info("device %s registered (%d samples, board %s)", device, size, body.get("board"))

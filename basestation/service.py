@@ -54,6 +54,16 @@ class ServiceError(RuntimeError):
     """The experiment cannot be run as configured (mismatched credentials, changed model, ...)."""
 
 
+@dataclasses.dataclass
+class CurrentRound:
+    """The open round: its plan, who answered by when, the running aggregate, and the model message."""
+
+    plan: RoundPlan
+    progress: RoundProgress
+    accumulator: Accumulator
+    model_message: bytes
+
+
 class Basestation:
     """The round loop of one experiment (see the module docstring)."""
 
@@ -78,12 +88,10 @@ class Basestation:
                              subscriptions=[(self.topics.devices(kind), 1)
                                             for kind in ("hello", "status", "update", "energy")])
         self._stop = threading.Event()
-        self.progress: RoundProgress | None = None
-        self.plan: RoundPlan | None = None
-        self.accumulator: Accumulator | None = None
+        self.current: CurrentRound | None = None
+        self.plan: RoundPlan | None = None  # the plan last published (the open round's, or the final one)
         self.global_weights: dict[str, np.ndarray] = {}
         self.global_hash = ""
-        self._model_message: bytes | None = None
         self._finishing_since: float | None = None
         self.finished = False
         self.x_test: np.ndarray | None = None
@@ -91,7 +99,7 @@ class Basestation:
         self.policy: Any = None
 
     def __repr__(self) -> str:
-        where = f"round {self.progress.round}" if self.progress else "between rounds"
+        where = f"round {self.current.plan.round}" if self.current else "between rounds"
         return f"<Basestation {self.config.experiment} {where} store={str(self.config.store)!r}>"
 
     def request_stop(self) -> None:
@@ -156,25 +164,25 @@ class Basestation:
         if stored is None or plan_doc is None:
             raise StoreError(f"round {current.round} of {exp!r} is open but its model or plan is missing")
         self.global_hash, self.global_weights = stored
-        self.plan = RoundPlan.from_json(json.dumps(plan_doc).encode())
-        self.progress = RoundProgress(current.round, current.selected, current.deadline, current.quorum,
-                                      current.extensions)
-        self.accumulator = self.strategy.accumulator()
-        self.ingest.open_round(current.round, bytes.fromhex(self.global_hash), current.selected, self.global_weights)
+        plan = RoundPlan.from_json(json.dumps(plan_doc).encode())
+        progress = RoundProgress(current.round, current.selected, current.deadline, current.quorum,
+                                 current.extensions)
+        accumulator = self.strategy.accumulator()
         for update, payload in self.store.update_payloads(exp, current.round):
-            values = dequantize(decode_message(payload).tensors)
-            self.accumulator.add(values, update.samples)
-            self.progress.answered.add(update.device)
-        self._model_message = self._encode_model(current.round)
+            accumulator.add(dequantize(decode_message(payload).tensors), update.samples)
+            progress.answered.add(update.device)
+        self.current = CurrentRound(plan, progress, accumulator, self._encode_model(current.round))
+        self.plan = plan
+        self.ingest.open_round(current.round, bytes.fromhex(self.global_hash), current.selected, self.global_weights)
         log.info("round %d is open with %d of %d updates already stored", current.round,
-                 len(self.progress.answered), len(current.selected))
+                 len(progress.answered), len(current.selected))
 
     # ---- main loop ----
     def run(self) -> int:
         """Run the experiment; returns 0 when finished or stopped cleanly."""
-        self._prepare()
-        self.link.start()
         try:
+            self._prepare()
+            self.link.start()
             while not self._stop.is_set() and not self.finished:
                 events = self._next_events()
                 if events:
@@ -185,15 +193,18 @@ class Basestation:
         finally:
             self.link.stop()
             if not self.finished:
-                self._write_status("stopped")
-                self.store.set_experiment_status(self.config.experiment, "stopped")
+                try:
+                    self._write_status("stopped")
+                    self.store.set_experiment_status(self.config.experiment, "stopped")
+                except Exception:  # never hide why we are stopping
+                    log.exception("could not record the stop in the store")
             self.store.close()
         return 0
 
     def _next_events(self) -> list[Any]:
         timeout = 0.25
-        if self.progress is not None:
-            timeout = min(timeout, max(0.0, self.progress.deadline - time.time()) + 0.001)
+        if self.current is not None:
+            timeout = min(timeout, max(0.0, self.current.progress.deadline - time.time()) + 0.001)
         first = self.link.next_event(timeout)
         if first is None:
             return []
@@ -220,9 +231,9 @@ class Basestation:
             for outcome in outcomes:
                 if outcome.ack is not None:
                     self.link.publish(outcome.ack[0], outcome.ack[1], qos=1)
-                if outcome.delta is not None and self.accumulator is not None and self.progress is not None:
-                    self.accumulator.add(outcome.delta, outcome.samples)
-                    self.progress.answered.add(outcome.device)  # type: ignore[arg-type]
+                if outcome.delta is not None and self.current is not None:
+                    self.current.accumulator.add(outcome.delta, outcome.samples)
+                    self.current.progress.answered.add(outcome.device)  # type: ignore[arg-type]
             for message in messages:
                 self.link.ack(message)
         if any(isinstance(e, Connected) for e in events):
@@ -232,8 +243,9 @@ class Basestation:
         """After (re)connecting: the broker may have lost the retained plan and model; publish them again."""
         if self.finished or self.plan is None:
             return
-        if self._model_message is not None and self.plan.status == "open":
-            self.link.publish(self.topics.model(self.plan.round), self._model_message, qos=1, retain=True)
+        if self.current is not None:
+            self.link.publish(self.topics.model(self.current.plan.round), self.current.model_message, qos=1,
+                              retain=True)
         self.link.publish(self.topics.round, self.plan.to_json(), qos=1, retain=True)
 
     # ---- round state machine ----
@@ -241,14 +253,15 @@ class Basestation:
         """Advance the round state machine; True if the state changed (so another tick may do more)."""
         if self.finished:
             return False
-        if self.progress is not None:
-            verdict = self.progress.verdict(now, self.config.round.extensions)
+        current = self.current
+        if current is not None:
+            verdict = current.progress.verdict(now, self.config.round.extensions)
             if verdict == "aggregate":
-                self._aggregate()
+                self._aggregate(current)
             elif verdict == "extend":
-                self._extend(now)
+                self._extend(current, now)
             elif verdict == "abandon":
-                self._abandon()
+                self._abandon(current)
             return verdict != "wait"
         done = len(self.store.rounds(self.config.experiment, status="aggregated"))
         if self.target_rounds and done >= self.target_rounds:
@@ -316,10 +329,9 @@ class Basestation:
             self.store.open_round(exp, number, selected=selected, n=decision.n, m=decision.m, deadline=plan.deadline,
                                   quorum=quorum, model_hash=self.global_hash, plan=json.loads(plan.to_json()), now=now)
         self.plan = plan
-        self.progress = RoundProgress(number, tuple(selected), plan.deadline, quorum)
-        self.accumulator = self.strategy.accumulator()
+        self.current = CurrentRound(plan, RoundProgress(number, tuple(selected), plan.deadline, quorum),
+                                    self.strategy.accumulator(), self._encode_model(number))
         self.ingest.open_round(number, bytes.fromhex(self.global_hash), selected, self.global_weights)
-        self._model_message = self._encode_model(number)
         self._republish()
         if number > 1:  # the previous round's model is no longer needed by anyone
             self.link.publish(self.topics.model(number - 1), b"", qos=1, retain=True)
@@ -331,43 +343,40 @@ class Basestation:
         return encode_model(tensors, experiment=self.config.experiment, round=round_,
                             key=self.credentials.model_key)
 
-    def _aggregate(self) -> None:
+    def _aggregate(self, current: CurrentRound) -> None:
         cfg, exp = self.config, self.config.experiment
-        progress, plan = self.progress, self.plan
-        assert progress is not None and plan is not None and self.accumulator is not None
-        delta = self.accumulator.result()
+        plan, progress = current.plan, current.progress
+        delta = current.accumulator.result()
         base = quantize_model(cfg.model, self.global_weights, plan.n, plan.mode)
         new_weights = apply_update(base, delta)
         new_hash = model_hash(new_weights).hex()
         loss, accuracy = evaluate_model(cfg.model, new_weights, plan.n, plan.mode, self.x_test, self.y_test)
         with self.store.transaction():
-            self.store.close_round(exp, progress.round, "aggregated", result_hash=new_hash,
+            self.store.close_round(exp, plan.round, "aggregated", result_hash=new_hash,
                                    drop_payloads=not cfg.keep_payloads)
-            self.store.add_evaluation(exp, progress.round, loss=loss, accuracy=accuracy, samples=len(self.y_test),
+            self.store.add_evaluation(exp, plan.round, loss=loss, accuracy=accuracy, samples=len(self.y_test),
                                       model_hash=new_hash)
-            self.store.save_model(exp, progress.round + 1, new_hash, new_weights)
-        log.info("round %d aggregated from %d update(s) (%s): accuracy %.4f, loss %.4f", progress.round,
-                 self.accumulator.count, ", ".join(sorted(progress.answered)), accuracy, loss)
+            self.store.save_model(exp, plan.round + 1, new_hash, new_weights)
+        log.info("round %d aggregated from %d update(s) (%s): accuracy %.4f, loss %.4f", plan.round,
+                 current.accumulator.count, ", ".join(sorted(progress.answered)), accuracy, loss)
         self._end_round()
 
-    def _extend(self, now: float) -> None:
-        progress, plan = self.progress, self.plan
-        assert progress is not None and plan is not None
+    def _extend(self, current: CurrentRound, now: float) -> None:
+        progress = current.progress
         deadline = max(now, progress.deadline) + self.config.round.extension
-        self.plan = dataclasses.replace(plan, deadline=deadline, issued_at=now)
+        current.plan = self.plan = dataclasses.replace(current.plan, deadline=deadline, issued_at=now)
         with self.store.transaction():
             self.store.extend_round(self.config.experiment, progress.round, deadline,
-                                    json.loads(self.plan.to_json()), now=now)
+                                    json.loads(current.plan.to_json()), now=now)
         progress.deadline = deadline
         progress.extensions += 1
-        self.link.publish(self.topics.round, self.plan.to_json(), qos=1, retain=True)
+        self.link.publish(self.topics.round, current.plan.to_json(), qos=1, retain=True)
         log.info("round %d: %d of %d answered, quorum %d not reached; deadline extended (%d of %d)", progress.round,
                  len(progress.answered), len(progress.selected), progress.quorum, progress.extensions,
                  self.config.round.extensions)
 
-    def _abandon(self) -> None:
-        exp, progress = self.config.experiment, self.progress
-        assert progress is not None
+    def _abandon(self, current: CurrentRound) -> None:
+        exp, progress = self.config.experiment, current.progress
         with self.store.transaction():
             self.store.close_round(exp, progress.round, "abandoned", drop_payloads=not self.config.keep_payloads)
             self.store.save_model(exp, progress.round + 1, self.global_hash, self.global_weights)
@@ -377,8 +386,7 @@ class Basestation:
 
     def _end_round(self) -> None:
         self.store.checkpoint()
-        self.progress = None
-        self.accumulator = None
+        self.current = None
         self.ingest.close_round()
 
     # ---- the end ----
@@ -396,7 +404,7 @@ class Basestation:
         if self.plan is not None:
             final = dataclasses.replace(self.plan, selected=(), status="finished", issued_at=now, m_per_device=None)
         else:
-            final = RoundPlan(experiment=exp, round=0, selected=(), n=self.config.precision.n,
+            final = RoundPlan(experiment=exp, round=last.round if last else 0, selected=(), n=self.config.precision.n,
                               m=self.config.precision.m, iterations=1, lr=self.config.training.lr,
                               batch_size=self.config.training.batch_size, deadline=now, quorum=0,
                               model_hash=self.global_hash, model=self.config.model, issued_at=now,

@@ -49,3 +49,28 @@ def test_four_edges_complete_five_rounds(federation) -> None:
     assert status["state"] == "finished" and status["rounds_aggregated"] == 5 and status["updates"] == 20
     for dev in fed.devices:  # every update and report was acknowledged, so every spool is empty
         assert not list((fed.root / "spool" / dev).glob("*.msg"))
+
+
+@pytest.mark.slow
+def test_edge_with_an_emulated_meter_reports_measured_energy(federation, spawn, qfl_command) -> None:
+    fed = federation(devices=1, **{"rounds": 2, "training.iterations": 400})
+    link = fed.root / "meter0"
+    edge = fed.start_edge(0, meter_port=str(link), meter_idle_seconds=0.3)
+    meter = spawn([*qfl_command, "meter", "emulate", "--pid", str(edge.pid), "--board", "pi4", "--link", str(link),
+                   "--seed", "0"], name="meter0")
+    bs = fed.start_basestation()
+    assert bs.wait(120) == 0, bs.log_path.read_text()[-3000:]
+    assert edge.wait(30) == 0, edge.log_path.read_text()[-3000:]
+    assert meter.wait(30) == 0  # the emulator ends with the process it watches
+    with fed.store() as store:
+        energy = store.energy(fed.experiment)
+        assert sorted((e.round, e.phase) for e in energy) == [(1, "train"), (1, "uplink"), (2, "train"),
+                                                              (2, "uplink")]
+        for e in energy:
+            assert e.joules > 0 and e.samples > 0 and e.seconds > 0 and e.partial is False
+        train = [e for e in energy if e.phase == "train"]
+        assert all(e.joules_above_idle > 0 for e in train)  # training burns more than idling
+        report = store.energy_report(fed.experiment, fed.devices[0], 1)
+        assert report["meter"]["id"] and report["meter"]["health"]["state"] == "streaming"
+        assert report["meter"]["health"]["counters"]["samples"] > 0
+        assert {d.meter_id for d in store.devices(fed.experiment)} == {report["meter"]["id"]}

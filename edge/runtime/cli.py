@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    from edge.meter import MeterError
+
     try:
         return runtime.run()
-    except (MqttError, SpoolError, OSError) as exc:
+    except (MqttError, SpoolError, MeterError, OSError, ValueError) as exc:
         raise CommandError(f"device {config.device_id}: {exc}") from None

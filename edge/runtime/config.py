@@ -12,6 +12,7 @@ Example file (``firmware_tools.provision`` writes one per device)::
     shard = "shard.npz"               # this device's training data (edge.data.save_shard)
     board = "pi4"
     meter_port = "/dev/ttyACM0"       # leave out to run without a power meter; relative: beside this file
+    meter_wait_seconds = 10           # how long to wait for the port to appear (USB, or an emulator)
     spool_dir = "spool"
     seed = 0
 

@@ -98,6 +98,7 @@ class EdgeRuntime:
         self.models: dict[int, Any] = {}
         self.finished = False
         self.rounds_trained = 0
+        self._failed_rounds: set[int] = set()
         self._stop = threading.Event()
         self.x: np.ndarray | None = None
         self.y: np.ndarray | None = None
@@ -232,7 +233,15 @@ class EdgeRuntime:
         if time.time() > plan.deadline:
             log.info("round %d: deadline passed before training started; waiting for the next plan", plan.round)
             return
-        self.train_round(plan, model)
+        if plan.round in self._failed_rounds:
+            return
+        try:
+            self.train_round(plan, model)
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            # A plan this device cannot carry out (unknown model, data of the wrong shape, ...): say so
+            # once and wait for the next round rather than stopping.
+            self._failed_rounds.add(plan.round)
+            log.error("round %d: cannot train as planned: %s", plan.round, exc)
 
     def train_round(self, plan: RoundPlan, model: Any) -> None:
         """Train, quantize, sign, spool and publish one round's update and energy report."""
@@ -307,12 +316,14 @@ class EdgeRuntime:
         meter = self.meter
         if meter is None:
             return None
+        from edge.meter import MeterError
+
         phases = {}
         for name in ("train", "uplink"):
             try:
                 phases[name] = phase_report(meter.phase_energy(name))
-            except KeyError as exc:  # UnknownPhase is a KeyError
-                log.warning("meter has no %s phase: %s", name, exc)
+            except MeterError as exc:  # e.g. the meter was unplugged during the phase
+                log.warning("no %s energy from the meter: %s", name, exc)
         identity = meter.identity
         health = {"state": meter.state, "drift_ppm": _finite(meter.drift_ppm), "idle_watts": _finite(meter.idle_watts),
                   "firmware": identity.firmware if identity is not None else None,
