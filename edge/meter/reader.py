@@ -237,7 +237,10 @@ class PowerMeter:
 
     def _close_phase(self, token: PhaseToken, end: float) -> None:
         with self._cond:
-            self._stream.close_phase(token, end)
+            try:
+                self._stream.close_phase(token, end)
+            except ValueError as exc:
+                raise MeterError(str(exc)) from None
             self._last_phase[token.name] = token
             self._cond.notify_all()
 
