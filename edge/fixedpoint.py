@@ -12,9 +12,15 @@ Two kinds of tensors, following Kim et al. (ICC 2022):
   so the largest weight is ``1 - step``). ``n = 1`` is the sign: ``q`` in
   ``{-1, +1}`` with exponent 0.
 - Activations and backward errors get a dynamic exponent per tensor: the
-  smallest one that fits the largest magnitude into ``2**(n-1) - 1``, so they
-  never saturate. They use ``max(n, 2)`` bits (a 1-bit two's complement
-  number holds only -1 and 0, which carries nothing for ReLU outputs).
+  smallest that brings the largest magnitude to at most ``2**(n-1)`` (only
+  values in the top half step saturate, to ``2**(n-1) - 1``). Tensors without
+  negative values (ReLU outputs, image data) are unsigned n-bit, 0 to
+  ``2**n - 1``; signed tensors use at least 2 bits (a 1-bit two's complement
+  number holds only -1 and 0). See :func:`requantize`.
+
+Rounding is to nearest (ties to even) or stochastic (unbiased): weights take
+their updates with stochastic rounding (:func:`update_weights`), backward
+errors use it by default, activations round to nearest.
 
 ``n = 32`` is plain float32; the functions here are not called for it.
 

@@ -21,8 +21,9 @@ Statistics, averaged over the I iterations (each at the weights of that step):
   are independent draws, E||g1 - g2||^2 = sigma^2 (1/h1 + 1/h2), so
   ``h1 * h2 / B**2 * ||g1 - g2||^2`` is unbiased for sigma^2 / B (for equal
   halves it is ||s1 - s2||^2, s the halves' shares of g). The halves come
-  free from the same backward pass (two half-size products instead of one).
-  It is NaN when batches have one sample.
+  from the same backward pass (two half-size products instead of one), on
+  every ``variance_every``-th iteration (the first included) to keep the
+  cost of a step down. It is NaN when batches have one sample.
 """
 
 from __future__ import annotations
@@ -66,14 +67,18 @@ class LocalTrainer:
     float32 optimizer state (in int mode the weights themselves stay n-bit).
     """
 
-    def __init__(self, lr: float = 0.1, momentum: float = 0.0, batch_size: int = 32, seed: int = 0) -> None:
+    def __init__(self, lr: float = 0.1, momentum: float = 0.0, batch_size: int = 32, seed: int = 0, *,
+                 variance_every: int = 4) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
         if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(variance_every, bool) or not isinstance(variance_every, int) or variance_every < 1:
+            raise ValueError(f"variance_every must be a positive integer, got {variance_every!r}")
         self.lr, self.momentum, self.batch_size = float(lr), float(momentum), batch_size
+        self.variance_every = variance_every
         self.rng = np.random.default_rng(seed)
         self._velocity = np.zeros(0, dtype=np.float32)  # momentum state, kept across calls
         self._order = np.zeros(0, dtype=np.intp)  # the current permutation of the examples
@@ -95,18 +100,21 @@ class LocalTrainer:
         spread = half * (batch - half) / batch**2 if half else 0.0
         before = net.snapshot()
         loss_sum = sq_norm_sum = variance_sum = 0.0
-        for _ in range(iterations):
+        variance_terms = 0
+        for iteration in range(iterations):
             index = self._next_batch(batch)
-            loss = net.backprop(Fixed(data.q[index], data.exponent, data.bound), y[index], split=half)
+            split = half if iteration % self.variance_every == 0 else None
+            loss = net.backprop(Fixed(data.q[index], data.exponent, data.bound), y[index], split=split)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training diverged (loss {loss}); try a smaller learning rate than {self.lr}")
             g = net.grad
             loss_sum += loss
             sq_norm_sum += float(np.dot(g, g))
-            if half:
+            if split:
                 # Halves' mean gradients: g1 = s1 * B/h1, g2 = s2 * B/h2 with s1 + s2 = g.
                 diff = net.grad_half * (batch / half) - (g - net.grad_half) * (batch / (batch - half))
                 variance_sum += spread * float(np.dot(diff, diff))
+                variance_terms += 1
             if self.momentum:
                 self._velocity *= self.momentum
                 self._velocity += g
@@ -117,7 +125,7 @@ class LocalTrainer:
             delta=net.delta_since(before),
             loss=loss_sum / iterations,
             grad_sq_norm=sq_norm_sum / iterations,
-            grad_variance=variance_sum / iterations if half else float("nan"),
+            grad_variance=variance_sum / variance_terms if variance_terms else float("nan"),
             samples=len(x),
             iterations=iterations,
             seconds=time.perf_counter() - started,
