@@ -131,6 +131,8 @@ def test_errors_csv_matches_mape_computed_by_hand(two_run_report) -> None:
                                for e in with_cal])
         row = next(r for r in rows if r["run"] == run.name and r["group"] == "phase" and r["key"] == "train")
         assert float(row["mape_model_pct"]) == pytest.approx(by_hand, rel=1e-12)
+        wape = sum(abs(e.model_joules - e.joules_above_idle) for e in train) / sum(e.joules_above_idle for e in train)
+        assert float(row["wape_model_pct"]) == pytest.approx(wape * 100, rel=1e-12)
         assert float(row["mape_calibrated_pct"]) == pytest.approx(by_hand_cal, rel=1e-12)
         assert int(row["with_calibrated"]) == len(with_cal) < int(row["records"])
         assert float(row["measured_j"]) == pytest.approx(math.fsum(e.joules_above_idle for e in train), rel=1e-12)
@@ -464,14 +466,14 @@ def test_modelled_energy_before_and_after_calibration(run_dir) -> None:
             assert e.calibrated_joules is None            # no fit existed before the first round
             continue
         fit = fits[e.round - 1].for_device(e.device, min_records=MIN_DEVICE_RECORDS)   # fitted after round r - 1
-        if e.phase == "train":
-            expected = (ITERATIONS * float(fit.compute.energy_per_iter(n, BATCH)) if fit.compute.ok
-                        else e.model_joules)
+        part = fit.compute if e.phase == "train" else fit.uplink
+        if not part.ok:
+            assert e.calibrated_joules is None            # nothing fitted yet for this part
+        elif e.phase == "train":
+            assert e.calibrated_joules == pytest.approx(ITERATIONS * float(part.energy_per_iter(n, BATCH)), rel=1e-9)
         else:
-            expected = (float(fit.uplink.energy(n * size.params + HEADER_BITS)) if fit.uplink.ok
-                        else e.model_joules)
-        assert e.calibrated_joules == pytest.approx(expected, rel=1e-9)
-    assert any(fits[r].for_device("pi-0").compute.ok for r in fits)
+            assert e.calibrated_joules == pytest.approx(float(part.energy(n * size.params + HEADER_BITS)), rel=1e-9)
+    assert {e.calibrated_joules is None for e in run.energy if e.round > 1} == {True, False}
     overall = metrics.overall_error(run)
     late = metrics.mape([e for e in run.energy if e.round >= 5], "calibrated")
     assert late < 10.0 < overall.mape_model

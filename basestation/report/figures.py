@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from basestation.report import metrics
 from basestation.report.data import RunData, finite, natural_key
@@ -66,6 +67,7 @@ def accuracy_figure(run: RunData) -> Figure | None:
     left, right = axes[0]
     left.plot(x_round, accuracy, marker="o", markersize=3, color=MEASURED)
     left.set_xlabel("round")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_ylabel("test accuracy")
     left.set_title("Accuracy per round")
     right.plot(energy, accuracy, marker="o", markersize=3, color=MEASURED)
@@ -96,22 +98,26 @@ def energy_rounds_figure(run: RunData) -> Figure | None:
     top.set_ylabel("energy per round (J)")
     top.set_title("Energy per round, all devices and phases")
     _legend_right(top)
-    plotted = False
-    for attr, colour, label in (("mape_model", MODEL, "before calibration"),
-                                ("mape_calibrated", CALIBRATED, "after calibration")):
+    plotted = []
+    for attr, colour, style, label in (("mape_model", MODEL, "-", "MAPE before calibration"),
+                                       ("mape_calibrated", CALIBRATED, "-", "MAPE after calibration"),
+                                       ("wape_model", MODEL, ":", "WAPE before calibration"),
+                                       ("wape_calibrated", CALIBRATED, ":", "WAPE after calibration")):
         values = [getattr(g, attr) for g in groups]
         if any(finite(v) for v in values):
             bottom.plot(x, [v if finite(v) else np.nan for v in values], marker="o", markersize=3,
-                        color=colour, label=label)
-            plotted = True
+                        color=colour, linestyle=style, label=label)
+            plotted += [v for v in values if finite(v)]
+    _maybe_log(bottom, plotted)
     if plotted:
         _legend_right(bottom)
     else:
         bottom.text(0.5, 0.5, "no modelled energy stored", transform=bottom.transAxes,
                     ha="center", va="center", color="#666666")
-    bottom.set_ylabel("MAPE (%)")
+    bottom.set_ylabel("error (%)")
     bottom.set_xlabel("round")
-    bottom.set_title("Modelling error per round (mean absolute percentage error)")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.set_title("Modelling error per round: mean (MAPE) and weighted (WAPE) absolute percentage error")
     return fig
 
 
@@ -183,6 +189,7 @@ def precision_figure(run: RunData) -> Figure | None:
     ax.step(x, [r.bits_m for r in rounds], where="post", marker="s", markersize=3, color=MODEL,
             linestyle="--", label="m (uplink bits)")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("bits")
     ax.set_ylim(0, 33)
     ax.set_yticks([1, 4, 8, 12, 16, 20, 24, 28, 32])

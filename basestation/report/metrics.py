@@ -9,7 +9,8 @@ Conventions, also in docs/report.md:
   (``joules_above_idle``), the number the energy model is calibrated against;
   the modelling error of a record is ``|model - measured| / measured``; MAPE
   is its mean over the records that have both numbers and a positive
-  measurement, in percent;
+  measurement, in percent; WAPE is ``sum |model - measured| / sum measured``
+  over the same records;
 - the energy to reach a target accuracy is the cumulative measured energy of
   the first round whose accuracy is at least the target;
 - the saving of a run is ``(E_baseline - E_run) / E_baseline`` in percent.
@@ -84,6 +85,20 @@ def mape(records: list[EnergyRecord], which: str) -> float | None:
     return math.fsum(errors) / len(errors) if errors else None
 
 
+def wape(records: list[EnergyRecord], which: str) -> float | None:
+    """Weighted absolute percentage error: ``sum |predicted - measured| / sum measured`` over the records
+    :func:`mape` uses, in percent.
+
+    Unlike MAPE it is not dominated by phases whose measurement is close to
+    zero (a millisecond uplink above idle), so it tells how far off the
+    energy the model predicts in total is.
+    """
+    pairs = [(float(_prediction(r, which)), measured(r)) for r in records if ape(r, _prediction(r, which)) is not None]
+    if not pairs:
+        return None
+    return math.fsum(abs(p - m) for p, m in pairs) / math.fsum(m for _, m in pairs) * 100.0
+
+
 def _prediction(record: EnergyRecord, which: str) -> float | None:
     if which == "model":
         return record.model_joules
@@ -115,6 +130,8 @@ class GroupError:
     calibrated_j: float | None
     mape_model: float | None
     mape_calibrated: float | None
+    wape_model: float | None
+    wape_calibrated: float | None
 
 
 def _group_errors(groups: dict[str, list[EnergyRecord]]) -> list[GroupError]:
@@ -129,6 +146,8 @@ def _group_errors(groups: dict[str, list[EnergyRecord]]) -> list[GroupError]:
             calibrated_j=_sum_known([r.calibrated_joules for r in items]),
             mape_model=mape(items, "model"),
             mape_calibrated=mape(items, "calibrated"),
+            wape_model=wape(items, "model"),
+            wape_calibrated=wape(items, "calibrated"),
         )
         for key, items in groups.items()
     ]

@@ -87,13 +87,17 @@ def predict_phase(device: str, phase: str, work: Work, fit: Calibration | None,
                   min_records: int = MIN_DEVICE_RECORDS) -> tuple[float | None, float | None]:
     """``(model_joules, calibrated_joules)`` of one measured phase; None where there is nothing to predict.
 
-    ``calibrated_joules`` is None without a calibration (``fit``). Raises
-    ValueError for an architecture the model does not know.
+    ``calibrated_joules`` is None without a calibration (``fit``) or when its
+    fit of this phase's part (computation for ``train``, uplink for
+    ``uplink``) is not usable yet. Raises ValueError for an architecture the
+    model does not know.
     """
     if phase not in MODELLED_PHASES:
         return None, None
     before = phase_energy(prior, phase, work)
     if fit is None:
         return before, None
-    calibrated = prior.with_calibration(fit.for_device(device, min_records=min_records), table=False)
-    return before, phase_energy(calibrated, phase, work)
+    fitted = fit.for_device(device, min_records=min_records)
+    if not (fitted.compute if phase == "train" else fitted.uplink).ok:
+        return before, None        # the data could not fit this part yet: nothing calibrated to show
+    return before, phase_energy(prior.with_calibration(fitted, table=False), phase, work)

@@ -121,7 +121,9 @@ def errors_table(runs: list[RunData]) -> Table:
                Column("with_model", "with model", "int"), Column("model_j", "model", "j"),
                Column("with_calibrated", "with calibration", "int"), Column("calibrated_j", "calibrated", "j"),
                Column("mape_model_pct", "MAPE before", "pct"),
-               Column("mape_calibrated_pct", "MAPE after", "pct")]
+               Column("mape_calibrated_pct", "MAPE after", "pct"),
+               Column("wape_model_pct", "WAPE before", "pct"),
+               Column("wape_calibrated_pct", "WAPE after", "pct")]
     rows = []
     for run in runs:
         if not run.energy:
@@ -131,7 +133,8 @@ def errors_table(runs: list[RunData]) -> Table:
         groups += [("device", g) for g in metrics.errors_by(run, "device")]
         for kind, g in groups:
             rows.append([run.name, kind, g.key, g.records, g.measured_j, g.with_model, g.model_j,
-                         g.with_calibrated, g.calibrated_j, g.mape_model, g.mape_calibrated])
+                         g.with_calibrated, g.calibrated_j, g.mape_model, g.mape_calibrated, g.wape_model,
+                         g.wape_calibrated])
     return Table("errors", columns, rows)
 
 

@@ -114,8 +114,10 @@ def _summary(run: RunData, target: metrics.TargetResult) -> list[tuple[str, str]
         ("of which above idle", tables.format_joules(
             math.fsum(r.joules_above_idle for r in run.energy if math.isfinite(r.joules_above_idle)))),
         ("devices", str(len({r.device for r in run.energy}))),
-        ("MAPE before calibration", fmt(overall.mape_model, "pct")),
-        ("MAPE after calibration", fmt(overall.mape_calibrated, "pct")),
+        ("MAPE before / after calibration",
+         f"{fmt(overall.mape_model, 'pct')} / {fmt(overall.mape_calibrated, 'pct')}"),
+        ("WAPE before / after calibration",
+         f"{fmt(overall.wape_model, 'pct')} / {fmt(overall.wape_calibrated, 'pct')}"),
         (f"energy to accuracy {target.target:g}",
          f"{tables.format_joules(target.joules)} (round {target.round})" if target.reached else "not reached"),
     ]
