@@ -87,9 +87,10 @@ def energy_rounds_figure(run: RunData) -> Figure | None:
     top.plot(x, [g.measured_j for g in groups], marker="o", markersize=3, color=MEASURED,
              label="measured above idle")
     series = [g.measured_j for g in groups]
-    for attr, colour, label in (("model_j", MODEL, "model (before calibration)"),
-                                ("calibrated_j", CALIBRATED, "model (after calibration)")):
-        values = [getattr(g, attr) for g in groups]
+    for attr, count, colour, label in (("model_j", "with_model", MODEL, "model (before calibration)"),
+                                       ("calibrated_j", "with_calibrated", CALIBRATED, "model (after calibration)")):
+        # a round's sum is comparable with the measured sum only when every phase of the round is predicted
+        values = [getattr(g, attr) if getattr(g, count) == g.records else None for g in groups]
         if any(finite(v) for v in values):
             ys = [v if finite(v) else np.nan for v in values]
             top.plot(x, ys, marker="s", markersize=3, linestyle="--", color=colour, label=label)
@@ -133,7 +134,8 @@ def energy_devices_figure(run: RunData) -> Figure | None:
     x = np.arange(len(devices))
     width = 0.27
     for ax, phase in zip(axes[:, 0], phases):
-        by_device = {g.key: g for g in metrics.group_errors([r for r in run.energy if r.phase == phase], "device")}
+        records, span = _comparable([r for r in run.energy if r.phase == phase])
+        by_device = {g.key: g for g in metrics.group_errors(records, "device")}
         values = []
         for offset, attr, colour, label in ((-width, "measured_j", MEASURED, "measured above idle"),
                                             (0.0, "model_j", MODEL, "model (before calibration)"),
@@ -144,7 +146,7 @@ def energy_devices_figure(run: RunData) -> Figure | None:
             ax.bar(x + offset, [h if finite(h) else 0.0 for h in heights], width, color=colour, label=label)
             values += [h for h in heights if finite(h)]
         _maybe_log(ax, values)
-        ax.set_title(f"Phase '{phase}': energy per device over all rounds")
+        ax.set_title(f"Phase '{phase}': energy per device over {span}")
         ax.set_ylabel("energy (J)")
         _device_ticks(ax, x, devices)
         _legend_right(ax)
@@ -160,6 +162,19 @@ def energy_devices_figure(run: RunData) -> Figure | None:
         _device_ticks(ax, x, devices)
         _legend_right(ax)
     return fig
+
+
+def _comparable(records: list) -> tuple[list, str]:
+    """The records every bar can cover, and how to say so: those with a calibrated prediction when any
+    have one, else those with a model prediction, else all."""
+    for attr, what in (("calibrated_joules", "with a calibrated model"), ("model_joules", "with a modelled energy")):
+        subset = [r for r in records if finite(getattr(r, attr))]
+        if subset and len(subset) < len(records):
+            rounds = len({r.round for r in subset})
+            return subset, f"the {rounds} round{'s' if rounds != 1 else ''} {what}"
+        if subset:
+            return subset, "all rounds"
+    return records, "all rounds"
 
 
 def _device_ticks(ax, x: np.ndarray, devices: list[str]) -> None:

@@ -42,12 +42,14 @@ RUN_FIGURES: dict[str, tuple[str, str, str, Callable[[RunData], Figure | None]]]
     "accuracy": ("Accuracy", "Test accuracy of the global model after each round, against the round and against "
                  "the cumulative measured energy of all devices.",
                  "No rounds were recorded, so there is no accuracy to plot.", figures.accuracy_figure),
-    "energy-rounds": ("Energy per round", "Measured energy of all devices and phases in each round beside the "
-                      "model before and after calibration, and the modelling error per round.",
+    "energy-rounds": ("Energy per round", "Measured energy above idle of all devices and phases in each round "
+                      "beside the model before and after calibration (drawn for the rounds where every phase has a "
+                      "prediction), and the modelling error per round.",
                       "No energy reports were stored, so there is no energy to plot.",
                       figures.energy_rounds_figure),
-    "energy-devices": ("Energy per device and phase", "Each device's measured energy in each phase over the whole "
-                       "run beside the model; with emulator logs, measured against ground truth.",
+    "energy-devices": ("Energy per device and phase", "Each device's measured energy above idle in each phase "
+                       "beside the model, summed over the rounds that have the predictions shown; with emulator "
+                       "logs, the whole measured energy against ground truth.",
                        "No energy reports were stored, so there is no energy to plot.",
                        figures.energy_devices_figure),
     "precision": ("Precision trajectory", "Training precision n and uplink precision m used in each round.",
