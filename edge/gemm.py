@@ -74,7 +74,8 @@ def int_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if m.ndim != 2:
             raise ValueError(f"int_matmul needs 2-D arrays; {name} has shape {m.shape}")
     if a.shape[1] != b.shape[0]:
-        raise ValueError(f"shapes {a.shape} and {b.shape} do not multiply: inner dimensions {a.shape[1]} != {b.shape[0]}")
+        raise ValueError(f"shapes {a.shape} and {b.shape} do not multiply: "
+                         f"inner dimensions {a.shape[1]} != {b.shape[0]}")
     if a.size == 0 or b.size == 0:
         return np.zeros((a.shape[0], b.shape[1]), dtype=np.int64)
     bound = product_bound(a.shape[1], _max_abs(a), _max_abs(b))

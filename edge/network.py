@@ -24,6 +24,8 @@ master copy (master mode; ``quantized=True`` gives its grid values).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from edge.fixedpoint import (
@@ -116,10 +118,10 @@ class Network:
             return self._split(self._q * weight_scale(self._bits))
         return self._split(self._state_values())
 
-    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """Load parameters by name (all names and shapes of ``get_weights``); they land on the grid by rounding to nearest."""
-        if not isinstance(weights, dict):
-            raise TypeError(f"weights must be a dict of name -> array, got {type(weights).__name__}")
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Load parameters by name (all names and shapes of ``get_weights``), onto the grid by rounding to nearest."""
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"weights must be a mapping of name -> array, got {type(weights).__name__}")
         missing = [name for name in self.param_shapes if name not in weights]
         extra = [name for name in weights if name not in self.param_shapes]
         if missing or extra:

@@ -1,8 +1,7 @@
 """Local training: I minibatch SGD steps, the model difference, and the statistics the convergence model needs.
 
     >>> from edge.data import load_dataset
-    >>> from edge.fixedpoint import Fixed
-from edge.network import Network
+    >>> from edge.network import Network
     >>> from models import get_architecture
     >>> ds = load_dataset("digits", seed=0)
     >>> net = Network(get_architecture("mlp"), bits=8, seed=0)

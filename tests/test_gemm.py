@@ -131,7 +131,8 @@ def test_bad_input_is_named(a: object, b: object, error: type, message: str) -> 
 
 
 @settings(max_examples=150, derandomize=True, deadline=None)
-@given(bits=st.integers(1, 32), m=st.integers(1, 6), k=st.integers(1, 40), n=st.integers(1, 6), seed=st.integers(0, 2**32 - 1))
+@given(bits=st.integers(1, 32), m=st.integers(1, 6), k=st.integers(1, 40), n=st.integers(1, 6),
+       seed=st.integers(0, 2**32 - 1))
 def test_int_matmul_matches_python_integers(bits: int, m: int, k: int, n: int, seed: int) -> None:
     a, b = operands(bits, m, k, n, seed)
     if k * 4 ** (bits - 1) >= INT64_LIMIT:

@@ -105,7 +105,8 @@ def test_quantized_conv2d_is_exact_integer_arithmetic() -> None:
     layer = Conv2D((2, 6, 6), 3, 3, 1, 1, nm)
     w_int = rng.integers(-128, 128, (3, 2, 3, 3)).astype(np.float32)
     b_int = rng.integers(-128, 128, 3).astype(np.float32)
-    layer.bind([w_int, b_int], [np.zeros_like(w_int), np.zeros_like(b_int)], [np.zeros_like(w_int), np.zeros_like(b_int)])
+    zeros = [np.zeros_like(w_int), np.zeros_like(b_int)]
+    layer.bind([w_int, b_int], zeros, [z.copy() for z in zeros])
     x = rng.normal(size=(4, 6, 6, 2)).astype(np.float32)
     out = layer.forward(Fixed(x, 0), False)
     xq = requantize(x, 0, 8)

@@ -20,7 +20,8 @@ def test_json_output() -> None:
     out = qfl_train("--dataset", "digits", "--model", "mlp", "--bits", "6", "--epochs", "3", "--seed", "1", "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert {"accuracy", "bits", "epochs", "seconds", "params", "mode", "model", "dataset", "seed", "loss"} <= set(report)
+    required = {"accuracy", "bits", "epochs", "seconds", "params", "mode", "model", "dataset", "seed", "loss"}
+    assert required <= set(report)
     assert report["bits"] == 6 and report["epochs"] == 3 and report["seed"] == 1
     assert report["params"] == 2410 and report["mode"] == "int" and report["model"] == "mlp"
     assert report["dataset"] == "digits" and report["iterations"] == 3 * (1348 // 32)

@@ -252,7 +252,7 @@ def test_trainer_settings_are_checked(kwargs: dict, message: str) -> None:
         (np.zeros((4, 64)), np.zeros(4, np.int64), 0, ValueError, "iterations must be a positive integer"),
     ],
 )
-def test_training_data_is_checked(x, y, iterations: int, error: type, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_training_data_is_checked(x: np.ndarray, y: np.ndarray, iterations: int, error: type, message: str) -> None:
     net = Network(get_architecture("mlp"), bits=8)
     with pytest.raises(error, match=message):
         LocalTrainer().train(net, x, y, iterations=iterations)
