@@ -555,6 +555,34 @@ def test_the_calibration_in_force_is_the_last_one_stored_when_the_round_opened()
         predict_phase("pi-0", "train", Work(8, 8, 5, 32, "resnet"), None)
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("summary.json", "{not json", "summary.json is not readable JSON"),
+    ("summary.json", "[1, 2]", "summary.json must hold a JSON object, got list"),
+    ("config.toml", "model = ", "config.toml is not readable TOML"),
+    ("store.sqlite", "", "is an empty file"),
+    ("other.db", "", "holds several stores (other.db, store.sqlite); name one in summary.json"),
+])
+def test_unreadable_run_directory_files_are_named(tmp_path: Path, name: str, text: str, message: str) -> None:
+    from basestation.report import load_run
+
+    (tmp_path / "store.sqlite").write_bytes(b"")
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ReportError) as caught:
+        load_run(tmp_path)
+    assert message in str(caught.value)
+
+
+def test_a_file_that_is_not_a_store(tmp_path: Path) -> None:
+    import sqlite3
+
+    from basestation.report import load_run
+
+    with sqlite3.connect(tmp_path / "other.db") as db:
+        db.execute("CREATE TABLE t (x)")
+    with pytest.raises(ReportError, match=r"cannot read the store .*other.db: .*not a qfl store"):
+        load_run(tmp_path)
+
+
 def test_qfl_report_command_on_a_run_directory(run_dir, capsys: pytest.CaptureFixture) -> None:
     from edge.cli import main
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,24 +102,25 @@ def _read_config(run_dir: Path) -> dict:
         raise ReportError(f"{path} is not readable TOML: {exc}") from None
 
 
+@dataclass(frozen=True)
 class StoreContents:
     """What :func:`read_store` found for one experiment, already in the report's terms."""
 
-    def __init__(self, experiment: str, config: dict, rounds: list[RoundRecord], energy: list[EnergyRecord],
-                 decisions: list[dict], windows: list[PhaseWindow], notes: list[str]):
-        self.experiment = experiment
-        self.config = config
-        self.rounds = rounds
-        self.energy = energy
-        self.decisions = decisions
-        self.windows = windows
-        self.notes = notes
+    experiment: str
+    config: dict
+    rounds: list[RoundRecord]
+    energy: list[EnergyRecord]
+    decisions: list[dict]
+    windows: list[PhaseWindow]
+    notes: list[str]
 
 
 def read_store(path: Path, experiment: str | None = None) -> StoreContents:
     """Read one experiment of the basestation store at ``path`` (the only one, unless ``experiment`` is given)."""
     from basestation.store import Store, StoreError
 
+    if path.stat().st_size == 0:        # Store() would turn an empty file into a new, empty store
+        raise ReportError(f"the store {path} is an empty file")
     try:
         store = Store(path, synchronous="normal")
     except (StoreError, OSError) as exc:
