@@ -84,4 +84,8 @@ def _version() -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run as ``python -m edge.cli``: this module is ``__main__``, so call the ``edge.cli`` the
+    # subcommands import, or their CommandError would not be the class ``main`` catches.
+    from edge.cli import main as package_main
+
+    raise SystemExit(package_main())
