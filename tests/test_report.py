@@ -632,3 +632,13 @@ def test_qfl_report_errors_are_one_clear_line(run_dir, tmp_path: Path, capsys: p
     assert main(["report", *[a.format(**paths) for a in args]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qfl report: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_report_command_module_imports_nothing_heavy() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, basestation.report.cli; "
+            "print(sorted(m for m in ('numpy', 'matplotlib', 'basestation.store') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

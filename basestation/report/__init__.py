@@ -14,18 +14,19 @@ every number.
 """
 
 from basestation.report.data import EnergyRecord, ReportError, RoundRecord, RunData
-from basestation.report.load import load_run
 
 __all__ = ["EnergyRecord", "ReportError", "ReportFiles", "RoundRecord", "RunData", "load_run", "unique_names",
            "write_report"]
 
-_WRITER = ("ReportFiles", "unique_names", "write_report")
+# The loader pulls in the energy model (numpy) and the writer matplotlib; import them only when asked,
+# so 'qfl report --help' stays quick.
+_LAZY = {"load_run": "basestation.report.load", "ReportFiles": "basestation.report.writer",
+         "unique_names": "basestation.report.writer", "write_report": "basestation.report.writer"}
 
 
 def __getattr__(name: str):
-    # The writer pulls in matplotlib; load it only when asked, so 'qfl report --help' stays quick.
-    if name in _WRITER:
-        from basestation.report import writer
+    if name in _LAZY:
+        import importlib
 
-        return getattr(writer, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'basestation.report' has no attribute {name!r}")
