@@ -216,7 +216,7 @@ def test_faults_are_survived_counted_and_reported(tmp_path, worker):
                        faults=plan) as emulator:
         with PowerMeter(str(link), idle_seconds=0.5) as meter:
             with meter.phase("across"):
-                time.sleep(max(0.1, 5.5 - (time.monotonic() - emulator._t0)))
+                time.sleep(max(0.1, 5.5 - (time.monotonic() - emulator.started_at)))
             with meter.phase("after"):
                 time.sleep(1.5)
             across, after = meter.phase_energy("across"), meter.phase_energy("after")
@@ -245,7 +245,7 @@ def test_overflow_bursts_are_excluded(tmp_path, worker):
     with MeterEmulator(pid=worker.pid, link=link, board="pi-zero-2w", seed=3, faults=plan) as emulator:
         with PowerMeter(str(link), idle_seconds=0) as meter:
             with meter.phase("p"):
-                time.sleep(max(0.1, 1.4 - (time.monotonic() - emulator._t0)))
+                time.sleep(max(0.1, 1.4 - (time.monotonic() - emulator.started_at)))
             energy = meter.phase_energy("p")
         assert emulator.stats.overflow_samples == pytest.approx(100, abs=2)
     assert energy.overflow_samples == pytest.approx(100, abs=2)

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from edge.meter import ina219, protocol
 from edge.meter.errors import MeterError, ProtocolError
 from edge.meter.protocol import Ack, Identity, LineSplitter, MeterFault, Sample
+from firmware_tools.ina219_model import EmulatedI2C, EmulatedINA219
 from firmware_tools.meter_firmware import main as firmware
+from firmware_tools.meter_firmware.ina219 import INA219
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "meter-protocol.md"
 FRAMED = re.compile(r"^[ -~]*\*[0-9A-F]{2}$")
@@ -65,9 +67,17 @@ def test_every_message_round_trips(message):
     assert protocol.parse_line(line.replace(b"\n", b"\r\n")) == message
 
 
+def _meter(out: list[str], meter_id: str = "qflm") -> firmware.Meter:
+    """The firmware on an emulated chip reading 10 mV across the shunt and 5 V on the bus."""
+    chip = EmulatedINA219()
+    meter = firmware.Meter(INA219(EmulatedI2C({0x40: chip})), out.append, meter_id=meter_id)
+    chip.set_inputs(0.010, 5.0)
+    return meter
+
+
 def test_firmware_lines_parse_on_the_host():
     out: list[str] = []
-    meter = firmware.Meter(_FixedChip(), out.append, meter_id="t")
+    meter = _meter(out, "t")
     meter.identify()
     meter.sample(123)
     meter.handle("START 10")
@@ -176,7 +186,7 @@ def test_doc_meter_lines_parse_and_doc_commands_are_accepted_by_the_firmware():
             protocol.parse_line(line.encode())
         elif line.rpartition("*")[0].split()[0] in protocol.COMMANDS:
             out: list[str] = []
-            firmware.Meter(_FixedChip(), out.append).handle(line)
+            _meter(out).handle(line)
             assert len(out) == 1 and not out[0].startswith("E,"), (line, out)
             commands += 1
     assert commands >= 6
@@ -209,28 +219,3 @@ def test_doc_sample_table_decodes_as_stated():
         assert bus == pytest.approx(float(volts), abs=5e-4)
         assert (int(ready), int(overflow)) == (int(cnvr), int(ovf))
         assert bus * current == pytest.approx(float(watts), abs=5e-5)
-
-
-class _FixedChip:
-    """An INA219 driver stand-in holding fixed register values (10 mV, 5 V), for protocol-level checks."""
-
-    def __init__(self):
-        self.config, self.cal = 0x399F, 0
-
-    def configure(self, value):
-        self.config = value & 0x7FFF
-
-    def read_config(self):
-        return self.config
-
-    def calibrate(self, value):
-        self.cal = value & 0xFFFE
-
-    def read_calibration(self):
-        return self.cal
-
-    def reset(self):
-        self.config, self.cal = 0x399F, 0
-
-    def read_raw(self):
-        return 0x03E8, 0x2712

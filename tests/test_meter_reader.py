@@ -332,3 +332,17 @@ def test_missing_port_and_bad_arguments_are_clear_errors(tmp_path):
         PowerMeter("/dev/null", idle_seconds=-1)
     with pytest.raises(MeterError, match="config"):
         PowerMeter("/dev/null", config=0x12345)
+
+
+def test_a_real_meter(meter_port):
+    """Runs against hardware with ``pytest --meter-port /dev/ttyACM0`` (a Pico with the firmware and an INA219)."""
+    if meter_port is None:
+        pytest.skip("no --meter-port given")
+    with PowerMeter(meter_port, idle_seconds=0.5) as meter:
+        assert meter.identity.proto == 1 and meter.state == "streaming"
+        with meter.phase("real"):
+            time.sleep(1.0)
+        energy = meter.phase_energy("real")
+        reading = meter.live()
+    assert not energy.partial and energy.samples > 900 and energy.crc_errors == 0
+    assert reading is not None and 4.5 < reading.volts < 5.5  # a Pi's 5 V line

@@ -103,6 +103,12 @@ class PowerMeter:
         gain_tolerance: sensor gain error added to each phase's uncertainty
             (INA219B datasheet: 0.5 % max; set 0 to report integration only).
         stall_seconds: no sample for this long restarts the meter.
+        baudrate: ignored by USB CDC and ptys; kept for UART bridges.
+        poll_interval: after a small read the thread waits this long, so lines
+            are handled in batches (fewer wake-ups, less CPU).
+
+    Beyond phases: ``idle_watts``, ``measure_idle()``, ``live()`` (mean V, A,
+    W since the last call), ``counters``, ``identity``, ``state``, ``drift_ppm``.
     """
 
     def __init__(self, port: str, *, rate_hz: int = 1000, idle_seconds: float = 1.0, timeout: float = 5.0,

@@ -116,6 +116,7 @@ class MeterEmulator:
         self.link: PtyLink | None = None
         self.firmware: Meter | None = None
         self._chip: EmulatedINA219 | None = None
+        self._t0: float | None = None
 
     # --- running ---------------------------------------------------------------------------------
     def start(self) -> MeterEmulator:
@@ -142,6 +143,11 @@ class MeterEmulator:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
+
+    @property
+    def started_at(self) -> float | None:
+        """Host monotonic time the loop started: fault windows count from here."""
+        return self._t0
 
     @property
     def running(self) -> bool:
