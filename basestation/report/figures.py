@@ -118,7 +118,7 @@ def energy_rounds_figure(run: RunData) -> Figure | None:
     bottom.set_ylabel("error (%)")
     bottom.set_xlabel("round")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-    bottom.set_title("Modelling error per round: mean (MAPE) and weighted (WAPE) absolute percentage error")
+    bottom.set_title("Modelling error per round (MAPE and energy-weighted WAPE)")
     return fig
 
 

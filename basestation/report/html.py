@@ -36,6 +36,7 @@ figcaption { font-size: 0.85rem; color: #444444; }
 .missing { color: #8a5300; font-style: italic; }
 details summary { cursor: pointer; color: #1f4e79; }
 code { font-size: 0.9em; }
+.scroll { overflow-x: auto; }
 """
 
 
@@ -85,7 +86,8 @@ def render_table(table: Table, *, empty: str = "nothing to show") -> str:
         cells = "".join(f'<td class="{"text" if c.kind == "text" else "num"}">{_e(format_value(v, c.kind))}</td>'
                         for c, v in zip(table.columns, row))
         body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            "</div>")
 
 
 def render_figure(fig: FigureImage) -> str:
@@ -127,8 +129,9 @@ def render_section(section: RunSection) -> str:
     parts += ["<h3>Accuracy</h3>", _figure_or_reason(section, "accuracy")]
     parts += ["<h3>Energy: measured and modelled</h3>", _figure_or_reason(section, "energy-rounds")]
     errors = section.tables["errors"]
-    parts += ["<p>Measured energy beside the model before and after calibration, with the mean absolute "
-              "percentage error (MAPE) over the energy reports of each group.</p>",
+    parts += ["<p>Measured energy above idle beside the model before and after calibration, with the mean "
+              "(MAPE) and the energy-weighted (WAPE) absolute percentage error over the energy reports of each "
+              "group.</p>",
               render_table(errors.where("group", "all").without("group", "key"), empty="no energy reports"),
               render_table(errors.where("group", "phase").without("group"), empty="no energy reports"),
               _figure_or_reason(section, "energy-devices"),
