@@ -32,6 +32,10 @@ class Column:
     heading: str
     kind: str = "text"
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"column kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
 
 @dataclass(frozen=True)
 class Table:
@@ -40,11 +44,6 @@ class Table:
     name: str
     columns: list[Column]
     rows: list[list]
-
-    def column(self, name: str) -> list:
-        """The values of one column, by CSV name."""
-        index = [c.name for c in self.columns].index(name)
-        return [row[index] for row in self.rows]
 
     def where(self, name: str, value) -> "Table":
         """The rows whose column ``name`` equals ``value`` (e.g. one run's rows)."""
