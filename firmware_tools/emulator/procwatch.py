@@ -3,12 +3,15 @@
     watcher = ProcessWatcher(pid)
     a = watcher.sample()        # Activity(cpu_seconds, bytes_written, alive)
 
-CPU time is ``utime + stime`` of ``/proc/PID/stat`` (fields 14 and 15), which
-covers every thread of the process (the per-thread figures are under
-``/proc/PID/task``); children count only once they have been reaped. The
-kernel reports it in clock ticks (``SC_CLK_TCK``, 100 per second on Linux),
-so a reading moves in 10 ms steps: the emulator reads every ~10 ms and the
-steps average out over a phase.
+CPU time is the sum over the process's threads of the first field of
+``/proc/PID/task/TID/schedstat``: nanoseconds on the CPU, from the
+scheduler's own accounting. ``utime + stime`` of ``/proc/PID/stat`` counts in
+clock ticks (``SC_CLK_TCK``, 100 per second), so a 30 ms training phase would
+read as 20 or 40 ms; the nanosecond figure lets the emulated power follow
+phases that short. The time of a thread that has ended is kept at its last
+reading. Kernels without schedstat (no ``CONFIG_SCHED_INFO``) fall back to the
+tick counts of ``/proc/PID/stat``, which also covers every thread; children
+count only once they have been reaped.
 
 Bytes written is ``wchar`` of ``/proc/PID/io``: bytes passed to ``write()``
 and its relatives, whether they went to a file, a pipe, a terminal or a
@@ -56,6 +59,8 @@ class ProcessWatcher:
             raise WatchError(f"no process with id {pid} (nothing at /proc/{pid})") from None
         except OSError as exc:
             raise WatchError(f"cannot read /proc/{pid}/stat: {exc}") from None
+        self._schedstat = os.path.exists(f"/proc/{pid}/schedstat")
+        self._thread_ns: dict[str, int] = {}  # tid -> last CPU ns read (ended threads keep theirs)
         self.io_problem: str | None = None
         self._io: int | None = None
         try:
@@ -81,7 +86,9 @@ class ProcessWatcher:
         fields = stat[rpar + 2:].split()
         if not fields or fields[0] in (b"Z", b"X"):
             return Activity(0.0, None, False)
-        cpu = (int(fields[11]) + int(fields[12])) / self._tick
+        cpu = self._thread_cpu_seconds()
+        if cpu is None:
+            cpu = (int(fields[11]) + int(fields[12])) / self._tick
         written = None
         if self._io is not None:
             try:
@@ -91,6 +98,25 @@ class ProcessWatcher:
             except (OSError, ValueError):
                 written = None
         return Activity(cpu, written, True)
+
+    def _thread_cpu_seconds(self) -> float | None:
+        """Nanosecond CPU time of all threads from schedstat, or None where the kernel has none."""
+        if not self._schedstat:
+            return None
+        try:
+            tids = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return None
+        for tid in tids:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/schedstat", "rb") as fh:
+                    self._thread_ns[tid] = int(fh.read().split(None, 1)[0])
+            except FileNotFoundError:
+                continue  # the thread ended between listdir and open: keep its last reading
+            except (OSError, ValueError, IndexError):
+                self._schedstat = False
+                return None
+        return sum(self._thread_ns.values()) / 1e9
 
     def close(self) -> None:
         if self._stat >= 0:
