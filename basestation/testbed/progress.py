@@ -27,6 +27,7 @@ class RoundProgress:
     m: int
     accuracy: float | None
     energy_j: float
+    reports: int  # devices whose energy report for this round has arrived
 
 
 def read_progress(store: Path, experiment: str) -> list[RoundProgress]:
@@ -40,10 +41,13 @@ def read_progress(store: Path, experiment: str) -> list[RoundProgress]:
             if db.experiment(experiment) is None:
                 return []
             energy: dict[int, float] = {}
+            reporters: dict[int, set[str]] = {}
             for record in db.energy(experiment):
                 energy[record.round] = energy.get(record.round, 0.0) + (record.joules or 0.0)
+                reporters.setdefault(record.round, set()).add(record.device)
             return [RoundProgress(r.round, r.status, len(r.selected), r.accepted, r.n, r.m, r.accuracy,
-                                  energy.get(r.round, 0.0)) for r in db.rounds(experiment)]
+                                  energy.get(r.round, 0.0), len(reporters.get(r.round, ())))
+                    for r in db.rounds(experiment)]
     except (sqlite3.Error, RuntimeError):
         return []  # being created, or locked for a moment: try again next tick
 
@@ -88,18 +92,25 @@ class Progress:
             self._live = Live(progress_table([], title=title), console=console, refresh_per_second=4)
             self._live.start()
 
-    def update(self, devices_online: int | None = None) -> list[RoundProgress]:
-        """Re-read the store and redraw (or print newly closed rounds)."""
+    def update(self, devices_online: int | None = None, *, final: bool = False) -> list[RoundProgress]:
+        """Re-read the store and redraw, or print the rounds that are complete.
+
+        A round's energy reports arrive just after its updates, so a closed
+        round is printed once all its answering devices reported energy, once
+        a later round has closed, or on the ``final`` call.
+        """
         rows = read_progress(self.store, self.experiment)
         if self._live is not None:
             self._live.update(progress_table(rows, title=self.title, devices_online=devices_online))
-        else:
-            total = 0.0
-            for r in rows:
-                total += r.energy_j
-                if r.status != "open" and r.round not in self._printed and r.accuracy is not None:
-                    self._printed.add(r.round)
-                    self.console.print(round_line(r, total), highlight=False)
+            return rows
+        total = 0.0
+        closed = [r.round for r in rows if r.accuracy is not None]
+        for r in rows:
+            total += r.energy_j
+            complete = final or r.reports >= r.answered or any(later > r.round for later in closed)
+            if r.accuracy is not None and r.round not in self._printed and complete:
+                self._printed.add(r.round)
+                self.console.print(round_line(r, total), highlight=False)
         return rows
 
     def close(self) -> None:

@@ -111,7 +111,7 @@ def _start_device(children: Supervisor, layout: RunLayout, device: str, index: i
     children.start(f"meter-{device}", qfl_argv(
         "meter", "emulate", "--pid", str(edge.pid), "--board", settings.board,
         "--link", str(layout.meter_link(device)), "--seed", str(settings.seed * 1000 + index),
-        "--rate", str(settings.meter_rate_hz), "--ground-truth", str(layout.ground_truth / f"{device}.csv")),
+        "--rate", str(settings.meter_rate_hz), "--tick-ms", str(settings.meter_tick_ms), "--ground-truth", str(layout.ground_truth / f"{device}.csv")),
         log=layout.logs / f"meter-{device}.log")
     return edge
 
@@ -129,7 +129,7 @@ def _follow(settings: TestbedSettings, layout: RunLayout, station: Child, edges:
                                        f"last lines of {child.log}:\n{child.tail()}")
             progress.update(devices_online=sum(edge.running() for edge in edges))
             time.sleep(0.25)
-        progress.update(devices_online=sum(edge.running() for edge in edges))
+        progress.update(devices_online=sum(edge.running() for edge in edges), final=True)
     finally:
         progress.close()
     if station.process.returncode != 0:

@@ -39,6 +39,7 @@ class TestbedSettings:
     deadline_seconds: float = 30.0
     quorum: float = 0.75
     meter_rate_hz: int = 1000
+    meter_tick_ms: float = 2.0
     target_accuracy: float = 0.9
     out: Path = Path("runs")
     name: str = ""

@@ -42,6 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     emu.add_argument("--link", required=True, help="path of the symlink to the emulated serial device")
     emu.add_argument("--seed", type=int, default=0, help="seed of the power noise and of the faults")
     emu.add_argument("--rate", type=int, default=1000, help="highest sample rate the emulated meter accepts (Hz)")
+    emu.add_argument("--tick-ms", type=float, default=10.0,
+                     help="how often the watched process is read; shorter follows millisecond phases more "
+                          "closely and costs more CPU (1..500)")
     emu.add_argument("--ground-truth", metavar="FILE.csv", help="write the true emulated power of every sample")
     emu.add_argument("--drop-rate", type=float, default=0.0, help="probability of losing a sample line")
     emu.add_argument("--corrupt-rate", type=float, default=0.0, help="probability of flipping a bit in a sample line")
@@ -146,7 +149,7 @@ def _emulate(args: argparse.Namespace) -> int:
                          drift_ppm=args.drift_ppm)
         emulator = MeterEmulator(pid=args.pid, link=args.link, board=args.board, seed=args.seed, rate_hz=args.rate,
                                  ground_truth=args.ground_truth, faults=plan, meter_id=args.meter_id,
-                                 boards_file=args.boards, log=say)
+                                 boards_file=args.boards, tick_seconds=args.tick_ms / 1000.0, log=say)
     except (BoardError, FaultError, WatchError, EmulatorError) as exc:
         raise CommandError(str(exc)) from None
 
