@@ -23,7 +23,11 @@ class Dataset:
 
 
 def _digits(seed: int, test_fraction: float) -> Dataset:
-    from sklearn.datasets import load_digits  # only the basestation side needs scikit-learn
+    try:
+        from sklearn.datasets import load_digits  # only the basestation side needs scikit-learn
+    except ImportError:
+        raise ValueError("the digits dataset ships with scikit-learn, which is not installed: "
+                         "pip install 'qfl-testbed[basestation]', or give --dataset mnist:DIR") from None
 
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32)
