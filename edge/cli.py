@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "meter": ("edge.meter.cli", "read a power meter, or emulate one for a local process"),
     "inspect": ("edge.wire.inspect_cli", "print a decoded summary of an update or model message"),
     "partition": ("edge.data.cli", "split a dataset into per-device shards (.npz)"),
+    "export": ("models.cli", "export a trained global model to ONNX"),
 }
 
 

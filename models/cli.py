@@ -1,0 +1,214 @@
+"""Export a trained global model to ONNX, from a testbed run directory or a basestation store.
+
+    qfl export --run runs/int8 --out int8.onnx                    # the run's newest global model
+    qfl export --store base.sqlite --experiment exp1 --round 5 --out r5.onnx
+
+The model stored for round R is the one round R starts from, so the model
+after the last of N rounds is round N + 1 (the default: the newest stored).
+Its architecture is the ``model`` of the experiment's stored config. By
+default the weights are put onto the n-bit grid of the round whose
+aggregation produced them (rounded to nearest, as the basestation does when
+it evaluates that model), so the file holds the model whose accuracy the
+store records; the initial model, which no round produced, is exported as
+stored. ``--bits N`` picks another grid (32 keeps the stored float32 values).
+docs/export.md describes the file and how to run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from models.export import DEFAULT_OPSET
+
+if TYPE_CHECKING:
+    import numpy as np
+
+STORE_NAME = "store.sqlite"  # what 'qfl testbed' writes into a run directory
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """A stored global model chosen for export: weights already on the grid of ``bits``."""
+
+    experiment: str
+    architecture: str
+    round: int
+    model_hash: str
+    bits: int
+    weights: dict[str, np.ndarray]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, metavar="RUN_DIR",
+                        help="a run directory written by 'qfl testbed' (its store and summary.json)")
+    source.add_argument("--store", type=Path, metavar="FILE",
+                        help="a basestation store (.sqlite) to read the model from")
+    parser.add_argument("--experiment", default=None, metavar="EXP",
+                        help="experiment id (default: the one summary.json names, or the store's only one)")
+    parser.add_argument("--round", type=int, default=None, metavar="R",
+                        help="export the global model round R starts from (default: the newest stored)")
+    parser.add_argument("--bits", type=int, default=None, metavar="N",
+                        help="put the weights on the N-bit grid (1..32, 32 = stored float32 values; default: the "
+                             "precision of the round that produced the model)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the exported model")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE.onnx", help="where to write the model")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge.cli import CommandError
+    from models import get_architecture
+    from models.export import ExportError, export_onnx
+
+    if args.run is not None:
+        store_path, experiment = locate_run(args.run, args.experiment)
+    else:
+        store_path, experiment = args.store, args.experiment
+    model = load_global_model(store_path, experiment, round_=args.round, bits=args.bits)
+    metadata = {"qfl.experiment": model.experiment, "qfl.round": str(model.round),
+                "qfl.model_hash": model.model_hash, "qfl.weight_bits": str(model.bits)}
+    try:
+        path = export_onnx(get_architecture(model.architecture), model.weights, args.out, opset=args.opset,
+                           metadata=metadata)
+    except ImportError as exc:
+        raise CommandError(str(exc)) from None
+    except ExportError as exc:
+        raise CommandError(f"cannot export the round {model.round} model of {model.experiment!r}: {exc}") from None
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    grid = "float32 weights as stored" if model.bits == 32 else f"weights on the {model.bits}-bit grid"
+    print(f"experiment {model.experiment!r}, global model of round {model.round} ({model.architecture}, {grid}, "
+          f"hash {model.model_hash[:12]}): wrote {path} ({path.stat().st_size} bytes)")
+    return 0
+
+
+def locate_run(run_dir: Path, experiment: str | None) -> tuple[Path, str | None]:
+    """The store of a run directory and the experiment to export (``experiment``, else summary.json's).
+
+    The store is the file ``summary.json`` names under ``"store"``, else
+    ``store.sqlite``, else the directory's only ``*.sqlite``/``*.db`` file.
+    """
+    from edge.cli import CommandError
+
+    if not run_dir.is_dir():
+        raise CommandError(f"{run_dir} is not a directory; give the run directory 'qfl testbed' wrote, "
+                           "or --store FILE for a store")
+    summary = _read_summary(run_dir / "summary.json")
+    named = summary.get("store")
+    if isinstance(named, str) and named:
+        store = run_dir / named
+    elif (run_dir / STORE_NAME).is_file():
+        store = run_dir / STORE_NAME
+    else:
+        found = sorted(p for pattern in ("*.sqlite", "*.sqlite3", "*.db") for p in run_dir.glob(pattern) if p.is_file())
+        if len(found) != 1:
+            raise CommandError(f"{run_dir} holds {len(found)} stores ({', '.join(p.name for p in found) or 'none'}) "
+                               f"and no {STORE_NAME}; give --store FILE")
+        store = found[0]
+    wanted = experiment or summary.get("experiment")
+    return store, wanted if isinstance(wanted, str) and wanted else None
+
+
+def load_global_model(store_path: Path, experiment: str | None = None, *, round_: int | None = None,
+                      bits: int | None = None) -> GlobalModel:
+    """The global model of ``experiment`` (the store's only one if None) at ``round_`` (newest if None).
+
+    Weights come back on the grid of ``bits``, by default that of the latest
+    aggregated round before ``round_`` (32, as stored, for a model no round
+    produced). Raises ``edge.cli.CommandError`` naming what is missing.
+
+        >>> m = load_global_model(Path("runs/int8/store.sqlite"))    # doctest: +SKIP
+        >>> m.round, m.bits, sorted(m.weights)[:2]
+    """
+    from basestation.store import Store, StoreError
+    from edge.cli import CommandError
+
+    if not store_path.is_file():
+        raise CommandError(f"no store at {store_path}")
+    if store_path.stat().st_size == 0:  # Store() would turn an empty file into a new, empty store
+        raise CommandError(f"the store {store_path} is an empty file")
+    if bits is not None and not 1 <= bits <= 32:
+        raise CommandError(f"--bits must be from 1 to 32, got {bits}")
+    try:
+        store = Store(store_path, synchronous="normal")
+    except (StoreError, OSError) as exc:
+        raise CommandError(f"cannot read the store {store_path}: {exc}") from None
+    with store:
+        record = _experiment(store, store_path, experiment)
+        arch = _architecture_name(record.id, record.config)
+        if round_ is None:
+            latest = store.latest_model(record.id)
+            if latest is None:
+                raise CommandError(f"experiment {record.id!r} in {store_path} has no stored model yet")
+            round_, model_hash, weights = latest
+        else:
+            stored = store.model(record.id, round_)
+            if stored is None:
+                latest = store.latest_model(record.id)
+                newest = f"the newest is round {latest[0]}" if latest else "it has none"
+                raise CommandError(f"experiment {record.id!r} has no global model for round {round_}; {newest}")
+            model_hash, weights = stored
+        if bits is None:
+            # Abandoned rounds carry the model over unchanged, so the producer is the last aggregated round.
+            producers = [r for r in store.rounds(record.id, status="aggregated") if r.round < round_]
+            bits = max(producers, key=lambda r: r.round).n if producers else 32
+    return GlobalModel(record.id, arch, round_, model_hash, bits, _on_grid(arch, weights, bits))
+
+
+def _experiment(store: Any, store_path: Path, experiment: str | None) -> Any:
+    from edge.cli import CommandError
+
+    ids = [e.id for e in store.experiments()]
+    if experiment is None:
+        if len(ids) != 1:
+            raise CommandError(f"{store_path} holds {len(ids)} experiments ({', '.join(ids) or 'none'}); "
+                               "choose one with --experiment")
+        experiment = ids[0]
+    record = store.experiment(experiment)
+    if record is None:
+        raise CommandError(f"{store_path} has no experiment {experiment!r}; it has: {', '.join(ids) or 'none'}")
+    return record
+
+
+def _architecture_name(experiment: str, config: dict[str, Any]) -> str:
+    from edge.cli import CommandError
+    from models import ARCHITECTURES
+
+    name = config.get("model")
+    if name not in ARCHITECTURES:
+        raise CommandError(f"experiment {experiment!r}'s stored config names the model {name!r}, which is not one "
+                           f"of: {', '.join(ARCHITECTURES)}")
+    return name
+
+
+def _on_grid(arch_name: str, weights: dict[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
+    """``weights`` rounded to nearest onto the n-bit grid by the engine itself (identity at 32 bits)."""
+    from edge.cli import CommandError
+    from edge.network import Network
+    from models import get_architecture
+
+    # "int" and "master" mode put values on the grid alike: nearest point, saturating at the ends.
+    net = Network(get_architecture(arch_name), bits=bits, mode="int", seed=0)
+    try:
+        net.set_weights(weights)
+    except ValueError as exc:
+        raise CommandError(f"the stored weights do not fit the {arch_name!r} model: {exc}") from None
+    return net.get_weights()
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    from edge.cli import CommandError
+
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CommandError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise CommandError(f"{path} must hold a JSON object, got {type(doc).__name__}")
+    return doc
