@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -93,6 +94,7 @@ class Basestation:
         self.global_weights: dict[str, np.ndarray] = {}
         self.global_hash = ""
         self._finishing_since: float | None = None
+        self.sync = os.urandom(4).hex()
         self.finished = False
         self.x_test: np.ndarray | None = None
         self.y_test: np.ndarray | None = None
@@ -236,7 +238,16 @@ class Basestation:
                     self.current.progress.answered.add(outcome.device)  # type: ignore[arg-type]
             for message in messages:
                 self.link.ack(message)
-        if any(isinstance(e, Connected) for e in events):
+        connects = [e for e in events if isinstance(e, Connected)]
+        if connects:
+            if not all(e.session_present for e in connects):
+                # The broker lost our session (and with it what devices sent meanwhile): a new sync
+                # token in the plan makes every device re-send what we have not acknowledged.
+                self.sync = os.urandom(4).hex()
+                if self.plan is not None:
+                    self.plan = dataclasses.replace(self.plan, sync=self.sync)
+                    if self.current is not None:
+                        self.current.plan = self.plan
             self._republish()
 
     def _republish(self) -> None:
@@ -320,7 +331,7 @@ class Basestation:
             iterations=decision.local_iters, lr=cfg.training.lr, batch_size=cfg.training.batch_size,
             deadline=now + cfg.round.deadline_seconds, quorum=quorum, model_hash=self.global_hash, model=cfg.model,
             uplink_scheme=cfg.training.uplink_scheme, momentum=cfg.training.momentum, mode=cfg.training.mode,
-            seed=cfg.seed, issued_at=now, m_per_device=decision.m_per_device)
+            seed=cfg.seed, issued_at=now, m_per_device=decision.m_per_device, sync=self.sync)
         with self.store.transaction():
             self.store.add_decision(exp, number, policy=decision.policy, n=decision.n, m=decision.m,
                                     inputs=decision.inputs, detail=decision.detail(), now=now)
@@ -410,11 +421,9 @@ class Basestation:
                               model_hash=self.global_hash, model=self.config.model, issued_at=now,
                               status="finished")
         self.plan = final
-        info = self.link.publish(self.topics.round, final.to_json(), qos=1, retain=True)
-        try:
-            info.wait_for_publish(5.0)
-        except (RuntimeError, ValueError):
-            log.warning("could not confirm the final plan was published")
+        # Wait for the broker to take it (and the acks queued before it) before this process goes away.
+        if not self.link.publish_confirmed(self.topics.round, final.to_json(), qos=1, retain=True, timeout=30.0):
+            log.warning("the broker did not confirm the final plan within 30 s; devices may keep waiting")
         status = self._write_status("finished")
         self.store.set_experiment_status(exp, "finished", status)
         self.finished = True

@@ -14,6 +14,13 @@ calibration fits, policy decisions and evaluations::
         print(r.round, r.status, r.accuracy)
     store.close()
 
+Update payloads (100 kB each for a 100,000-parameter model) do not go
+through SQLite: they are appended to one file per open round beside the
+store (``<store>.payloads/<experiment>-r<round>.log``), fsynced before the
+transaction that records their offsets commits, and deleted when the round
+closes (unless kept). That halves the bytes written per update and keeps
+the WAL small.
+
 Writes outside ``with store.transaction()`` commit one statement at a time;
 inside, the block commits (or rolls back) as a whole, which is how the
 basestation batches many updates into one durable commit before it
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -105,7 +113,8 @@ CREATE TABLE updates (
     m INTEGER,
     received_at REAL NOT NULL,
     status TEXT NOT NULL,
-    payload BLOB,
+    payload_offset INTEGER,
+    payload_size INTEGER,
     PRIMARY KEY (experiment, nonce),
     UNIQUE (experiment, device, round)
 );
@@ -325,12 +334,13 @@ class Store:
         # thread and run in another).
         self._db = sqlite3.connect(str(self.path), isolation_level=None, timeout=10.0, check_same_thread=False)
         self._depth = 0
+        self.payload_dir = self.path.with_name(self.path.name + ".payloads")
+        self._logs: dict[tuple[str, int], int] = {}  # open payload logs: (experiment, round) -> fd
+        self._unsynced: set[int] = set()
+        self._unlink_after_commit: list[Path] = []
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            # Update payloads pass through the WAL; checkpointing every 4 MB (the default) would copy
-            # them again during ingest. Checkpoint at 64 MB, and at round ends (checkpoint()).
-            self._db.execute("PRAGMA wal_autocheckpoint=16384")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.DatabaseError as exc:
@@ -339,6 +349,7 @@ class Store:
         except StoreError:
             self._db.close()
             raise
+        self._remove_orphan_logs()
 
     def _migrate(self) -> None:
         # Under the write lock, so two processes opening a new file do not both create the schema.
@@ -374,10 +385,23 @@ class Store:
             self._depth -= 1
             if self._depth == 0:
                 self._db.execute("ROLLBACK")
+                self._unlink_after_commit.clear()
             raise
         self._depth -= 1
         if self._depth == 0:
+            self._sync_payloads()  # payload bytes are on disk before the rows that point at them
             self._db.execute("COMMIT")
+            self._after_commit()
+
+    def _sync_payloads(self) -> None:
+        for fd in self._unsynced:
+            os.fsync(fd)
+        self._unsynced.clear()
+
+    def _after_commit(self) -> None:
+        for path in self._unlink_after_commit:
+            path.unlink(missing_ok=True)
+        self._unlink_after_commit.clear()
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file now (between rounds, off the ingest path)."""
@@ -385,9 +409,58 @@ class Store:
 
     def close(self) -> None:
         """Close the file (safe twice)."""
+        for fd in self._logs.values():
+            os.close(fd)
+        self._logs.clear()
         if self._db is not None:
             self._db.close()
             self._db = None  # type: ignore[assignment]
+
+    # ---- payload logs ----
+    def _log_path(self, experiment: str, round_: int) -> Path:
+        return self.payload_dir / f"{experiment}-r{int(round_)}.log"
+
+    def _log_fd(self, experiment: str, round_: int) -> int:
+        fd = self._logs.get((experiment, round_))
+        if fd is None:
+            self.payload_dir.mkdir(exist_ok=True)
+            fd = os.open(self._log_path(experiment, round_), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            self._logs[(experiment, round_)] = fd
+        return fd
+
+    def _append_payload(self, experiment: str, round_: int, payload: bytes) -> int:
+        """Append to the round's log; returns the offset. Synced before the next commit."""
+        fd = self._log_fd(experiment, round_)
+        offset = os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        self._unsynced.add(fd)
+        return offset
+
+    def _read_payload(self, experiment: str, round_: int, offset: int, size: int) -> bytes:
+        data = os.pread(self._log_fd(experiment, round_), size, offset)
+        if len(data) != size:
+            raise StoreError(f"payload log {self._log_path(experiment, round_)} is shorter than the store expects")
+        return data
+
+    def _drop_log(self, experiment: str, round_: int) -> None:
+        fd = self._logs.pop((experiment, round_), None)
+        if fd is not None:
+            os.close(fd)
+        self._unlink_after_commit.append(self._log_path(experiment, round_))
+        if self._depth == 0:
+            self._after_commit()
+
+    def _remove_orphan_logs(self) -> None:
+        """Delete logs no row points at (left by a crash between a round's commit and the unlink)."""
+        if not self.payload_dir.is_dir():
+            return
+        live = {f"{e}-r{r}.log" for e, r in self._db.execute(
+            "SELECT DISTINCT experiment, round FROM updates WHERE payload_size IS NOT NULL")}
+        for path in self.payload_dir.glob("*.log"):
+            if path.name not in live:
+                path.unlink(missing_ok=True)
 
     def __enter__(self) -> "Store":
         return self
@@ -525,9 +598,13 @@ class Store:
         if cur.rowcount == 0:
             raise StoreError(f"round {round_} of {experiment!r} is not open")
         new_state = "aggregated" if status == "aggregated" else "unused"
-        payload = "NULL" if drop_payloads else "payload"
-        self._db.execute(f"UPDATE updates SET status=?, payload={payload} WHERE experiment=? AND round=?"
-                         " AND status='accepted'", (new_state, experiment, round_))
+        if drop_payloads:
+            self._db.execute("UPDATE updates SET status=?, payload_offset=NULL, payload_size=NULL WHERE experiment=?"
+                             " AND round=? AND status='accepted'", (new_state, experiment, round_))
+            self._drop_log(experiment, round_)
+        else:
+            self._db.execute("UPDATE updates SET status=? WHERE experiment=? AND round=? AND status='accepted'",
+                             (new_state, experiment, round_))
 
     def round(self, experiment: str, round_: int) -> RoundRecord | None:
         """One round, or None."""
@@ -563,11 +640,21 @@ class Store:
                    size: int, m: int | None, payload: bytes | None, now: float | None = None) -> bool:
         """Record an accepted update; False (nothing written) if its nonce or (device, round) is already stored."""
         now = time.time() if now is None else now
+        exists = self._one("SELECT 1 FROM updates WHERE experiment=? AND (nonce=? OR (device=? AND round=?))",
+                           (experiment, nonce, device, round_))
+        if exists:
+            return False
+        offset = length = None
+        if payload is not None:
+            offset, length = self._append_payload(experiment, round_, payload), len(payload)
+            if self._depth == 0:
+                self._sync_payloads()
         try:
             self._db.execute("INSERT INTO updates (experiment, device, round, nonce, digest, samples, bytes, m,"
-                             " received_at, status, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                             (experiment, device, round_, nonce, digest, samples, size, m, now, "accepted", payload))
-        except sqlite3.IntegrityError:
+                             " received_at, status, payload_offset, payload_size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                             (experiment, device, round_, nonce, digest, samples, size, m, now, "accepted", offset,
+                              length))
+        except sqlite3.IntegrityError:  # another writer got there first; the appended bytes stay unreferenced
             return False
         self._db.execute("UPDATE rounds SET accepted=accepted+1 WHERE experiment=? AND round=?",
                          (experiment, round_))
@@ -593,16 +680,17 @@ class Store:
 
     def _updates(self, where: str, args: tuple[Any, ...]) -> list[UpdateRecord]:
         rows = self._db.execute("SELECT device, round, nonce, digest, samples, bytes, m, received_at, status,"
-                                f" payload IS NOT NULL FROM updates WHERE {where} ORDER BY round, received_at, rowid",
+                                f" payload_size IS NOT NULL FROM updates WHERE {where} ORDER BY round, received_at, rowid",
                                 args)
         return [UpdateRecord(*row[:9], bool(row[9])) for row in rows]
 
     def update_payloads(self, experiment: str, round_: int) -> list[tuple[UpdateRecord, bytes]]:
         """Updates of a round whose payloads are stored (all of an open round), in arrival order."""
-        rows = self._db.execute("SELECT device, round, nonce, digest, samples, bytes, m, received_at, status, payload"
-                                " FROM updates WHERE experiment=? AND round=? AND payload IS NOT NULL"
-                                " ORDER BY received_at, rowid", (experiment, round_))
-        return [(UpdateRecord(*row[:9], True), bytes(row[9])) for row in rows]
+        rows = self._db.execute("SELECT device, round, nonce, digest, samples, bytes, m, received_at, status,"
+                                " payload_offset, payload_size FROM updates WHERE experiment=? AND round=? AND"
+                                " payload_size IS NOT NULL ORDER BY received_at, rowid", (experiment, round_))
+        return [(UpdateRecord(*row[:9], True), self._read_payload(experiment, round_, row[9], row[10]))
+                for row in rows.fetchall()]
 
     # ---- rejections ----
     def add_rejection(self, experiment: str, kind: str, reason: str, *, device: str | None = None,

@@ -371,6 +371,27 @@ class MqttLink:
         """
         return self._client.publish(topic, payload, qos=qos, retain=retain)
 
+    def publish_confirmed(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False,
+                          timeout: float = 30.0) -> bool:
+        """Publish once connected and wait for the broker's PUBACK; False if that takes over ``timeout`` s.
+
+        For the last words of a process (the basestation's final plan): a
+        plain publish while disconnected would be queued in a client that is
+        about to go away.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.wait_connected(min(0.5, max(0.0, deadline - time.monotonic()))):
+                continue
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            try:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+                if info.is_published():
+                    return True
+            except (RuntimeError, ValueError):  # the connection dropped under us: try again
+                continue
+        return False
+
     def ack(self, message: Message) -> None:
         """Send the PUBACK of a message received with ``manual_ack=True``."""
         if self.manual_ack and message.qos > 0:

@@ -66,10 +66,10 @@ def test_edge_with_an_emulated_meter_reports_measured_energy(federation, spawn, 
         energy = store.energy(fed.experiment)
         assert sorted((e.round, e.phase) for e in energy) == [(1, "train"), (1, "uplink"), (2, "train"),
                                                               (2, "uplink")]
-        for e in energy:
-            assert e.joules > 0 and e.samples > 0 and e.seconds > 0 and e.partial is False
+        for e in energy:  # an uplink can be shorter than one sample interval: interpolated, still positive
+            assert e.joules > 0 and e.seconds > 0 and e.partial is False
         train = [e for e in energy if e.phase == "train"]
-        assert all(e.joules_above_idle > 0 for e in train)  # training burns more than idling
+        assert all(e.samples > 0 and e.joules_above_idle > 0 for e in train)  # training burns more than idling
         report = store.energy_report(fed.experiment, fed.devices[0], 1)
         assert report["meter"]["id"] and report["meter"]["health"]["state"] == "streaming"
         assert report["meter"]["health"]["counters"]["samples"] > 0

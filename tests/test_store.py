@@ -91,8 +91,10 @@ def test_updates_are_deduplicated_by_nonce_and_by_device_round(store: Store) -> 
 def test_closing_a_round_drops_payloads_and_keeps_metadata(store: Store) -> None:
     open_round(store, 1)
     store.add_update(EXP, device="a", round_=1, nonce="n1", digest="d", samples=1, size=1, m=4, payload=b"x")
+    log = store.payload_dir / f"{EXP}-r1.log"
+    assert log.read_bytes() == b"x"
     store.close_round(EXP, 1, "aggregated", result_hash="h2")
-    assert store.update_payloads(EXP, 1) == []
+    assert store.update_payloads(EXP, 1) == [] and not log.exists()
     [upd] = store.updates(EXP, 1)
     assert (upd.status, upd.has_payload) == ("aggregated", False)
     assert store.current_round(EXP) is None
@@ -100,6 +102,34 @@ def test_closing_a_round_drops_payloads_and_keeps_metadata(store: Store) -> None
         store.close_round(EXP, 1, "aggregated")
     with pytest.raises(ValueError, match="closes as"):
         store.close_round(EXP, 1, "open")
+
+
+def test_payloads_can_be_kept_and_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "keep.sqlite"
+    with Store(path) as store:
+        store.create_experiment(EXP, {})
+        open_round(store, 1)
+        with store.transaction():
+            for i in range(3):
+                store.add_update(EXP, device=f"d{i}", round_=1, nonce=f"n{i}", digest="d", samples=1, size=4, m=8,
+                                 payload=bytes([i]) * (1000 + i))
+        store.close_round(EXP, 1, "aggregated", drop_payloads=False)
+    with Store(path) as again:
+        assert [(u.device, len(p), p[:1]) for u, p in again.update_payloads(EXP, 1)] == [
+            ("d0", 1000, b"\x00"), ("d1", 1001, b"\x01"), ("d2", 1002, b"\x02")]
+
+
+def test_orphan_payload_logs_are_removed_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    with Store(path) as store:
+        store.create_experiment(EXP, {})
+        open_round(store, 1)
+        store.add_update(EXP, device="a", round_=1, nonce="n1", digest="d", samples=1, size=1, m=4, payload=b"x")
+    orphan = path.with_name(path.name + ".payloads") / f"{EXP}-r7.log"
+    orphan.write_bytes(b"left by a crash")
+    with Store(path) as again:
+        assert not orphan.exists()
+        assert again.update_payloads(EXP, 1)[0][1] == b"x"
 
 
 def test_transaction_rolls_back_as_a_whole(store: Store) -> None:
@@ -182,10 +212,13 @@ import os, signal, sys
 from basestation.store import Store
 s = Store({str(path)!r})
 s.create_experiment("e", {{}})
+s.open_round("e", 1, selected=["a"], n=8, m=8, deadline=1.0, quorum=1, model_hash="h", plan={{}})
 with s.transaction():
     s.add_rejection("e", "update", "committed")
+    s.add_update("e", device="a", round_=1, nonce="n1", digest="d", samples=1, size=3, m=8, payload=b"abc")
 s._db.execute("BEGIN IMMEDIATE")
 s.add_rejection("e", "update", "uncommitted")
+s.add_update("e", device="b", round_=1, nonce="n2", digest="d", samples=1, size=3, m=8, payload=b"def")
 print("ready", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -193,3 +226,4 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert done.stdout.strip() == "ready" and done.returncode == -9
     with Store(path) as again:
         assert again.rejection_counts("e") == {"committed": 1}
+        assert [(u.device, p) for u, p in again.update_payloads("e", 1)] == [("a", b"abc")]

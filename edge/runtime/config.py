@@ -162,6 +162,7 @@ class DeviceConfig:
     seed: int = 0
     exit_when_finished: bool = True
     publish_timeout: float = 10.0
+    resend_seconds: float = 30.0
     max_spool: int = 256
 
     @property
@@ -199,6 +200,7 @@ class DeviceConfig:
             seed=t.integer("seed", 0, low=0),
             exit_when_finished=t.get("exit_when_finished", bool, True),
             publish_timeout=t.number("publish_timeout", 10.0, low=0.1, high=600.0),
+            resend_seconds=t.number("resend_seconds", 30.0, low=1.0),
             max_spool=t.integer("max_spool", 256, low=2, high=100_000),
         )
         t.finish()

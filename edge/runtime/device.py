@@ -79,6 +79,15 @@ def phase_report(phase: Any) -> dict[str, Any]:
     return out
 
 
+def _published(info: Any) -> bool:
+    """True once the broker acknowledged a publish; False if not yet, or if paho could not send it
+    (disconnected: the spool re-sends it after the next connect)."""
+    try:
+        return bool(info.is_published())
+    except (RuntimeError, ValueError):
+        return False
+
+
 class EdgeRuntime:
     """One device's federation loop (see the module docstring).
 
@@ -99,6 +108,8 @@ class EdgeRuntime:
         self.finished = False
         self.rounds_trained = 0
         self._failed_rounds: set[int] = set()
+        self._sent_at: dict[str, float] = {}  # nonce -> when it was last published
+        self._next_resend = time.monotonic() + config.resend_seconds
         self._stop = threading.Event()
         self.x: np.ndarray | None = None
         self.y: np.ndarray | None = None
@@ -139,6 +150,9 @@ class EdgeRuntime:
                 if event is not None:
                     self._handle(event)
                     self._maybe_train()
+                if self.link.connected and time.monotonic() >= self._next_resend:
+                    self._resend_spool("still unacknowledged", older_than=self.config.resend_seconds)
+                    self._next_resend = time.monotonic() + self.config.resend_seconds / 2
                 if self.finished and self.config.exit_when_finished:
                     finished_at = finished_at or time.monotonic()
                     # Give the last acks a moment so the spool ends empty.
@@ -177,11 +191,17 @@ class EdgeRuntime:
                           retain=True)
         self.link.publish(self.topics.device(cfg.device_id, "status"), status_payload(cfg.device_id, "online"),
                           qos=1, retain=True)
-        entries = self.spool.entries()
+        self._resend_spool("after connecting")
+
+    def _resend_spool(self, why: str, older_than: float = 0.0) -> None:
+        """Publish again every spooled message (sent at least ``older_than`` seconds ago)."""
+        now = time.time()
+        entries = [e for e in self.spool.entries() if now - self._sent_at.get(e.nonce, e.created) >= older_than]
         for entry in entries:
             self.link.publish(entry.topic, entry.payload, qos=1)
+            self._sent_at[entry.nonce] = now
         if entries:
-            log.info("re-sent %d unacknowledged message(s) from the spool", len(entries))
+            log.info("re-sent %d unacknowledged message(s) from the spool %s", len(entries), why)
 
     def _on_message(self, msg: Message) -> None:
         kind, _, round_ = self.topics.parse(msg.topic)
@@ -191,6 +211,7 @@ class EdgeRuntime:
             self._on_model(round_, msg.payload)
         elif kind == "ack":
             ack = Ack.from_json(msg.payload)
+            self._sent_at.pop(ack.nonce, None)
             if self.spool.remove(ack.nonce):
                 log.info("basestation %s %s of round %d", ack.status, ack.kind, ack.round)
 
@@ -205,6 +226,10 @@ class EdgeRuntime:
             return
         if self.plan is not None and plan.round < self.plan.round:
             return  # an old retained plan, e.g. restored by a broker from an old autosave
+        if self.plan is not None and plan.sync != self.plan.sync:
+            # The basestation reconnected to a broker that had lost its session: what we sent
+            # while it was not subscribed is gone.
+            self._resend_spool("for a basestation that lost its session")
         self.plan = plan
 
     def _on_model(self, round_: int, payload: bytes) -> None:
@@ -252,6 +277,7 @@ class EdgeRuntime:
 
         cfg = self.config
         started = time.time()
+        log.info("round %d: training %d iterations at n=%d", plan.round, plan.iterations, plan.n)
         net = Network(get_architecture(plan.model), bits=plan.n, mode=plan.mode, seed=cfg.seed)
         net.set_weights(model.weights())
         batch_seed = int(round_seed(cfg.seed, cfg.device_id, plan.round, 0).generate_state(1)[0])
@@ -266,6 +292,7 @@ class EdgeRuntime:
                              base_hash=model.base_hash, samples=int(len(self.y)), key=cfg.hmac_key, nonce=nonce)
         topic = self.topics.device(cfg.device_id, "update")
         self.spool.put(kind="update", round_=plan.round, nonce=nonce.hex(), topic=topic, payload=data)
+        self._sent_at[nonce.hex()] = time.time()
         self.last_round = plan.round
         self.spool.save_state({"experiment": cfg.experiment, "last_round": plan.round})
         uplink_started = time.monotonic()
@@ -277,7 +304,7 @@ class EdgeRuntime:
         self.rounds_trained += 1
         log.info("round %d: trained %d iterations at n=%d (loss %.4f), sent %d bytes at m=%d", plan.round,
                  plan.iterations, plan.n, float(result.loss), len(data), m)
-        self._send_energy_report(plan, result, nonce.hex(), len(data), uplink_seconds, info.is_published(), started)
+        self._send_energy_report(plan, result, nonce.hex(), len(data), uplink_seconds, _published(info), started)
 
     def _send_energy_report(self, plan: RoundPlan, result: Any, update_nonce: str, size: int, uplink_seconds: float,
                             delivered: bool, started: float) -> None:
@@ -296,6 +323,7 @@ class EdgeRuntime:
         data = sign_json(body, cfg.hmac_key)
         topic = self.topics.device(cfg.device_id, "energy")
         self.spool.put(kind="energy", round_=plan.round, nonce=nonce, topic=topic, payload=data)
+        self._sent_at[nonce] = time.time()
         self.link.publish(topic, data, qos=1)
 
     # ---- meter ----

@@ -103,7 +103,9 @@ class RoundPlan:
     ``status="finished"`` announces the end of the experiment (no device is selected).
     ``deadline`` is wall-clock seconds since the epoch; ``model_hash`` the hex
     hash of the global model the round starts from; ``m_per_device``
-    overrides ``m`` for the devices it names.
+    overrides ``m`` for the devices it names. ``sync`` changes whenever the
+    basestation may have missed messages (it reconnected to a broker that had
+    lost its session); a device that sees a new value re-sends its spool.
     """
 
     experiment: str
@@ -125,6 +127,7 @@ class RoundPlan:
     issued_at: float = 0.0
     status: str = "open"
     m_per_device: dict[str, int] | None = None
+    sync: str = ""
     version: int = field(default=PROTOCOL_VERSION)
 
     def __post_init__(self) -> None:
@@ -175,7 +178,8 @@ class RoundPlan:
                    momentum=float(_get(doc, "momentum", num, w)), mode=_get(doc, "mode", str, w),
                    seed=_get(doc, "seed", int, w), issued_at=float(_get(doc, "issued_at", num, w)),
                    status=_get(doc, "status", str, w),
-                   m_per_device=dict(_get(doc, "m_per_device", dict, w)) if doc.get("m_per_device") else None)
+                   m_per_device=dict(_get(doc, "m_per_device", dict, w)) if doc.get("m_per_device") else None,
+                   sync=str(doc.get("sync", "")))
 
 
 @dataclass(frozen=True)
