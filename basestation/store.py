@@ -325,10 +325,36 @@ def _json_default(value: Any) -> Any:
 class Store:
     """The SQLite store of one basestation (see the module docstring)."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "full"):
+    def __init__(self, path: str | Path, *, synchronous: str = "full", readonly: bool = False):
+        """Open (creating or migrating) the store at ``path``.
+
+        ``readonly=True`` is for readers beside a running basestation (progress
+        display, reports, export): the file must exist, nothing is migrated and
+        no payload log is touched, so a reader can never disturb the writer.
+        """
         if synchronous not in ("full", "normal"):
             raise ValueError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
         self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            if not self.path.is_file():
+                raise StoreError(f"no store at {self.path}")
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=10.0,
+                                       check_same_thread=False)
+            self._depth = 0
+            self.payload_dir = self.path.with_name(self.path.name + ".payloads")
+            self._logs, self._unsynced, self._unlink_after_commit = {}, set(), []
+            try:
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                self._db.close()
+                raise StoreError(f"{self.path} is not a usable qfl store: {exc}") from None
+            if version != SCHEMA_VERSION:
+                self._db.close()
+                raise StoreError(f"{self.path} has schema version {version}, this qfl-testbed reads "
+                                 f"{SCHEMA_VERSION}" if version else f"{self.path} is not a qfl store (or "
+                                 "one whose basestation has not created its tables yet)")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One thread at a time, but not necessarily the one that opened it (a service built in one
         # thread and run in another).

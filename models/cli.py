@@ -134,7 +134,7 @@ def load_global_model(store_path: Path, experiment: str | None = None, *, round_
     if bits is not None and not 1 <= bits <= 32:
         raise CommandError(f"--bits must be from 1 to 32, got {bits}")
     try:
-        store = Store(store_path, synchronous="normal")
+        store = Store(store_path, readonly=True)
     except (StoreError, OSError) as exc:
         raise CommandError(f"cannot read the store {store_path}: {exc}") from None
     with store:

@@ -227,3 +227,21 @@ os.kill(os.getpid(), signal.SIGKILL)
     with Store(path) as again:
         assert again.rejection_counts("e") == {"committed": 1}
         assert [(u.device, p) for u, p in again.update_payloads("e", 1)] == [("a", b"abc")]
+
+
+def test_readonly_reader_never_writes_or_removes_payload_logs(tmp_path: Path) -> None:
+    from basestation.store import Store, StoreError
+
+    with pytest.raises(StoreError, match="no store at"):
+        Store(tmp_path / "missing.sqlite", readonly=True)
+    path = tmp_path / "s.sqlite"
+    with Store(path) as writer:
+        writer.create_experiment("exp", {"model": "mlp"})
+        orphan = writer.payload_dir / "exp-r9.log"
+        orphan.parent.mkdir(parents=True, exist_ok=True)
+        orphan.write_bytes(b"a round being written")
+        with Store(path, readonly=True) as reader:
+            assert [e.id for e in reader.experiments()] == ["exp"]
+            assert orphan.exists()  # a reader leaves the writer's files alone
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                reader.create_experiment("other", {})

@@ -122,7 +122,7 @@ def read_store(path: Path, experiment: str | None = None) -> StoreContents:
     if path.stat().st_size == 0:        # Store() would turn an empty file into a new, empty store
         raise ReportError(f"the store {path} is an empty file")
     try:
-        store = Store(path, synchronous="normal")
+        store = Store(path, readonly=True)
     except (StoreError, OSError) as exc:
         raise ReportError(f"cannot read the store {path}: {exc}") from None
     with store:

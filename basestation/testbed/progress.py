@@ -37,7 +37,7 @@ def read_progress(store: Path, experiment: str) -> list[RoundProgress]:
     if not store.exists():
         return []
     try:
-        with Store(store) as db:
+        with Store(store, readonly=True) as db:
             if db.experiment(experiment) is None:
                 return []
             energy: dict[int, float] = {}
