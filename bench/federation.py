@@ -155,7 +155,7 @@ def round_overhead(root: Path, rounds: int) -> dict:
                                         device=devices[0], round=1, base_hash=bytes(32), samples=90,
                                         key=creds.devices[devices[0]].hmac_key))
         floor = mqtt_floor(broker, creds, devices, update_size, 20)
-    with Store(root / "bench.sqlite") as store:
+    with Store(root / "bench.sqlite", readonly=True) as store:
         recs = store.rounds(EXP)
     opened = [r.opened_at for r in recs]
     cycles = [b - a for a, b in zip(opened, opened[1:])]

@@ -261,10 +261,18 @@ class Federation:
         assert not thread.is_alive(), "the basestation did not stop within 30 s"
 
     def store(self) -> "Store":
-        """The basestation's store, opened for reading (close it, or use ``with``)."""
-        from basestation.store import Store
+        """The basestation's store, opened read-only (close it, or use ``with``)."""
+        return Store(self.store_path, readonly=True)
 
-        return Store(self.store_path)
+    def read(self, query: Callable[["Store"], Any], default: Any = None) -> Any:
+        """``query(store)`` on a read-only store, or ``default`` while the basestation has not created it."""
+        from basestation.store import StoreError
+
+        try:
+            with self.store() as store:
+                return query(store)
+        except StoreError:
+            return default
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str,
                    procs: tuple[subprocess.Popen[bytes], ...] = ()) -> None:
@@ -279,10 +287,7 @@ class Federation:
 
     def rounds(self, status: str | None = None) -> list[Any]:
         """Rounds in the store (empty before the store exists)."""
-        if not self.store_path.exists():
-            return []
-        with self.store() as store:
-            return store.rounds(self.experiment, status=status)
+        return self.read(lambda store: store.rounds(self.experiment, status=status), [])
 
 
 @pytest.fixture

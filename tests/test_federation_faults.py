@@ -21,10 +21,7 @@ LONG = 8000  # local iterations: roughly a second of training per round on this 
 
 
 def updates_of(fed, round_: int) -> list[str]:
-    if not fed.store_path.exists():
-        return []
-    with fed.store() as store:
-        return sorted(u.device for u in store.updates(fed.experiment, round_))
+    return fed.read(lambda store: sorted(u.device for u in store.updates(fed.experiment, round_)), [])
 
 
 def open_round(fed) -> int | None:
@@ -33,10 +30,7 @@ def open_round(fed) -> int | None:
 
 
 def device_state(fed, device: str) -> str | None:
-    if not fed.store_path.exists():
-        return None
-    with fed.store() as store:
-        return {d.device: d.state for d in store.devices(fed.experiment)}.get(device)
+    return fed.read(lambda store: {d.device: d.state for d in store.devices(fed.experiment)}.get(device))
 
 
 @pytest.mark.slow
