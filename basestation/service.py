@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ import numpy as np
 
 from basestation.config import BasestationConfig
 from basestation.credentials import Credentials
-from basestation.ingest import Ingest
+from basestation.ingest import Ingest, Outcome
 from basestation.rounds import (RoundProgress, apply_update, evaluate_model, initial_model, quantize_model,
                                 quorum_count, select_devices)
 from basestation.store import Store, StoreError
@@ -228,7 +229,7 @@ class Basestation:
         if messages:
             now = time.time()
             with self.store.transaction():
-                outcomes = [self.ingest.handle(m.topic, m.payload, now) for m in messages]
+                outcomes = [self._handle(m, now) for m in messages]
             # Durable now: acknowledge, then let the broker forget them.
             for outcome in outcomes:
                 if outcome.ack is not None:
@@ -248,7 +249,21 @@ class Basestation:
                     self.plan = dataclasses.replace(self.plan, sync=self.sync)
                     if self.current is not None:
                         self.current.plan = self.plan
+                        self.store.add_plan(self.config.experiment, self.plan.round, json.loads(self.plan.to_json()))
             self._republish()
+
+    def _handle(self, message: Message, now: float) -> Outcome:
+        """One message inside the batch's transaction; a bug it triggers costs that message only."""
+        try:
+            with self.store.savepoint():
+                return self.ingest.handle(message.topic, message.payload, now)
+        except (sqlite3.Error, OSError):
+            raise  # the store itself failing is not the message's fault: stop before acknowledging anything
+        except Exception as exc:
+            log.exception("internal error while handling a message on %s", message.topic)
+            self.store.add_rejection(self.config.experiment, "other", "internal_error",
+                                     detail=f"{message.topic}: {type(exc).__name__}: {exc}"[:500], now=now)
+            return Outcome("other", None, reason="internal_error")
 
     def _republish(self) -> None:
         """After (re)connecting: the broker may have lost the retained plan and model; publish them again."""

@@ -419,6 +419,20 @@ class Store:
             self._db.execute("COMMIT")
             self._after_commit()
 
+    @contextmanager
+    def savepoint(self) -> Iterator["Store"]:
+        """Inside a transaction: undo only this block's writes if it raises (the transaction goes on)."""
+        if self._depth == 0:
+            raise StoreError("savepoint() needs an open transaction (with store.transaction(): ...)")
+        self._db.execute("SAVEPOINT block")
+        try:
+            yield self
+        except BaseException:
+            self._db.execute("ROLLBACK TO block")
+            self._db.execute("RELEASE block")
+            raise
+        self._db.execute("RELEASE block")
+
     def _sync_payloads(self) -> None:
         for fd in self._unsynced:
             os.fsync(fd)

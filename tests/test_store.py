@@ -142,6 +142,21 @@ def test_transaction_rolls_back_as_a_whole(store: Store) -> None:
     assert store.rounds(EXP) == [] and store.rejection_counts(EXP) == {}
 
 
+def test_savepoint_undoes_one_block_only(store: Store) -> None:
+    with pytest.raises(StoreError, match="needs an open transaction"):
+        with store.savepoint():
+            pass
+    with store.transaction():
+        store.add_rejection(EXP, "update", "kept")
+        with pytest.raises(ZeroDivisionError):
+            with store.savepoint():
+                store.add_rejection(EXP, "update", "undone")
+                1 / 0
+        with store.savepoint():
+            store.add_rejection(EXP, "update", "also kept")
+    assert store.rejection_counts(EXP) == {"also kept": 1, "kept": 1}
+
+
 def test_rounds_with_evaluations_and_plans(store: Store) -> None:
     open_round(store, 1)
     store.extend_round(EXP, 1, 200.0, {"round": 1, "deadline": 200.0})
