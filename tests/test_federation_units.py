@@ -333,3 +333,49 @@ def test_broker_run_command(tmp_path: Path, spawn, qfl_command) -> None:
     anonymous = subprocess.run([*qfl_command, "broker", "run", "--dir", str(tmp_path / "c"), "--bind", "0.0.0.0"],
                                capture_output=True, text=True, timeout=60)
     assert anonymous.returncode == 2 and "refusing an anonymous broker" in anonymous.stderr
+
+
+# ---- the edge runtime's decisions, without a broker ----
+
+def test_edge_runtime_skips_what_it_cannot_do_and_trains_what_it_can(tmp_path: Path) -> None:
+    from basestation.rounds import initial_model
+    from edge.data import save_shard
+    from edge.mqtt import Message
+    from edge.runtime.device import EdgeRuntime
+    from edge.wire import encode_model
+
+    rng = np.random.default_rng(0)
+    shard = save_shard(tmp_path / "shard.npz", rng.random((40, 64), dtype=np.float32), rng.integers(0, 10, 40))
+    cfg = DeviceConfig.from_mapping(device_doc(shard=str(shard), publish_timeout=0.1), tmp_path)
+    runtime = EdgeRuntime(cfg)
+    runtime.x, runtime.y = np.load(shard)["x"], np.load(shard)["y"]
+    weights = initial_model("mlp", 0)
+    tensors = quantize_update(weights, 32, None)
+
+    def deliver(topic: str, payload: bytes) -> None:
+        runtime._handle(Message(topic, payload, 1, False, 1))
+        runtime._maybe_train()
+
+    def model_msg(round_: int, key: bytes = cfg.model_key) -> bytes:
+        return encode_model(tensors, experiment="exp1", round=round_, key=key)
+
+    good = dict(selected=("dev-01",), model_hash=model_hash(weights).hex(), deadline=time.time() + 60, iterations=3)
+    deliver(T.round, b"not json")                                   # ignored
+    deliver(T.round, plan(round=1, model="resnet", **good).to_json())
+    deliver(T.model(1), model_msg(1))                               # a plan it cannot carry out: logged, skipped
+    assert 1 in runtime._failed_rounds and runtime.last_round == 0 and len(runtime.spool) == 0
+    deliver(T.model(2), model_msg(2, key=bytes(32)))                # forged model: ignored
+    deliver(T.round, plan(round=2, **good).to_json())
+    assert 2 not in runtime.models and runtime.last_round == 0
+    deliver(T.round, plan(round=3, **{**good, "selected": ("someone-else",)}).to_json())
+    deliver(T.model(3), model_msg(3))                               # not selected
+    assert runtime.last_round == 0
+    deliver(T.round, plan(round=4, **good).to_json())
+    deliver(T.model(4), model_msg(4))                               # trains; no broker, so the spool keeps both
+    assert runtime.last_round == 4 and sorted(e.kind for e in runtime.spool.entries()) == ["energy", "update"]
+    deliver(T.round, plan(round=4, **good).to_json())               # a redelivered plan is not trained again
+    assert len(runtime.spool) == 2 and runtime.rounds_trained == 1
+    assert Spool(cfg.spool_dir).load_state() == {"experiment": "exp1", "last_round": 4}
+    update = next(e for e in runtime.spool.entries() if e.kind == "update")
+    deliver(T.device("dev-01", "ack"), Ack("update", 4, update.nonce, "accepted").to_json())
+    assert [e.kind for e in runtime.spool.entries()] == ["energy"]

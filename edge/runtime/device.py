@@ -176,7 +176,7 @@ class EdgeRuntime:
         elif isinstance(event, Message):
             try:
                 self._on_message(event)
-            except MessageError as exc:
+            except ValueError as exc:  # MessageError, or a topic this device has no business with
                 log.warning("ignoring message on %s: %s", event.topic, exc)
 
     def _on_connect(self, session_present: bool) -> None:
@@ -224,6 +224,7 @@ class EdgeRuntime:
         if plan.status == "finished":
             self.finished = True
             return
+        self.finished = False  # an experiment resumed with more rounds
         if self.plan is not None and plan.round < self.plan.round:
             return  # an old retained plan, e.g. restored by a broker from an old autosave
         if self.plan is not None and plan.sync != self.plan.sync:
