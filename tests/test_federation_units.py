@@ -379,3 +379,14 @@ def test_edge_runtime_skips_what_it_cannot_do_and_trains_what_it_can(tmp_path: P
     update = next(e for e in runtime.spool.entries() if e.kind == "update")
     deliver(T.device("dev-01", "ack"), Ack("update", 4, update.nonce, "accepted").to_json())
     assert [e.kind for e in runtime.spool.entries()] == ["energy"]
+
+
+def test_the_edge_runtime_stays_light() -> None:
+    """What `qfl edge run` loads on a device: no basestation, scikit-learn, matplotlib or rich."""
+    code = ("import sys, edge.runtime.cli, edge.runtime.device, edge.network, edge.trainer, edge.wire, edge.data;"
+            "from edge.meter import PowerMeter;"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'basestation', 'sklearn', 'matplotlib', 'rich',"
+            " 'scipy'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
