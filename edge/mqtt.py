@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -452,7 +452,3 @@ def connect_blocking(link: MqttLink, timeout: float = 10.0) -> None:
             raise MqttError(f"no answer from the broker at {link.settings.url} within {timeout} s; "
                             "is it running and reachable?")
 
-
-def subscriptions_for(topics: Iterable[str], qos: int = 1) -> list[tuple[str, int]]:
-    """``[(topic, qos), ...]`` for :class:`MqttLink`'s ``subscriptions``."""
-    return [(t, qos) for t in topics]

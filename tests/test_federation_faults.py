@@ -7,7 +7,6 @@ cannot answer, and a deadline far away keeps a round open until the test acts.
 
 from __future__ import annotations
 
-import os
 import signal
 
 import numpy as np
