@@ -209,7 +209,11 @@ def tls_files(tmp_path: Path) -> dict[str, Path]:
     (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf", cwd=d)
-    return {name: d / name for name in ("ca.crt", "server.crt", "server.key")}
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "client.key",
+             "-out", "client.csr", "-subj", "/CN=dev-a", cwd=d)
+    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "client.crt", "-days", "2", cwd=d)
+    return {name: d / name for name in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
 
 
 def test_tls_listener(broker_factory, tls_files: dict[str, Path], tmp_path: Path) -> None:
@@ -233,3 +237,35 @@ def test_tls_listener(broker_factory, tls_files: dict[str, Path], tmp_path: Path
         connect_blocking(untrusting, 1)
     with pytest.raises(MqttError, match="TLS file not found"):
         MqttLink(BrokerSettings(broker.url, ca_file=str(tmp_path / "missing.crt")), "tls-missing")
+
+
+def test_tls_with_client_certificates(broker_factory, tls_files: dict[str, Path]) -> None:
+    tls = BrokerTls(certfile=str(tls_files["server.crt"]), keyfile=str(tls_files["server.key"]),
+                    cafile=str(tls_files["ca.crt"]), require_certificate=True)
+    broker = broker_factory(accounts=ACCOUNTS, experiment=EXP, tls=tls)
+    base = BrokerSettings(broker.url, username="user-a", password="pw-a", ca_file=str(tls_files["ca.crt"]))
+    with_cert = MqttLink(BrokerSettings(broker.url, username="user-a", password="pw-a",
+                                        ca_file=str(tls_files["ca.crt"]), cert_file=str(tls_files["client.crt"]),
+                                        key_file=str(tls_files["client.key"])), "with-cert")
+    connect_blocking(with_cert, 5)
+    with_cert.stop()
+    with pytest.raises(MqttError):
+        connect_blocking(MqttLink(base, "without-cert"), 1)
+    with pytest.raises(ValueError, match="both cert_file and key_file"):
+        BrokerSettings(broker.url, cert_file=str(tls_files["client.crt"]))
+
+
+def test_round_trip_on_the_test_broker_or_a_field_broker(mqtt_settings: BrokerSettings) -> None:
+    """Runs against a private broker, or the one given with --broker-url (and its credentials)."""
+    topic = f"qfl/pytest-{os.getpid()}/round"  # never an experiment's topic on a field broker
+    receiver = MqttLink(mqtt_settings, f"rt-receiver-{os.getpid()}", subscriptions=[(topic, 1)], persistent=False)
+    sender = MqttLink(mqtt_settings, f"rt-sender-{os.getpid()}", persistent=False)
+    connect_blocking(receiver, 10)
+    connect_blocking(sender, 10)
+    try:
+        payload = os.urandom(16)
+        sender.publish(topic, payload).wait_for_publish(5)
+        assert payload in [m.payload for m in messages(receiver, 1.0)]
+    finally:
+        sender.stop()
+        receiver.stop()

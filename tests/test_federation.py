@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -74,3 +75,29 @@ def test_edge_with_an_emulated_meter_reports_measured_energy(federation, spawn, 
         assert report["meter"]["id"] and report["meter"]["health"]["state"] == "streaming"
         assert report["meter"]["health"]["counters"]["samples"] > 0
         assert {d.meter_id for d in store.devices(fed.experiment)} == {report["meter"]["id"]}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_edges_and_basestation_cleanly(federation) -> None:
+    fed = federation(devices=2, **{"rounds": 0, "round.min_online": 1, "round.deadline_seconds": 2.0,
+                                   "round.quorum": 0.5})
+    edges = [fed.start_edge(i) for i in range(2)]
+    bs = fed.start_basestation()
+    fed.wait_until(lambda: len(fed.rounds(status="aggregated")) >= 2, 60, "two rounds", (bs, *edges))
+    edges[1].send_signal(signal.SIGTERM)
+    assert edges[1].wait(20) == 0
+    fed.wait_until(lambda: fed.read(lambda s: {d.device: d.state for d in s.devices(fed.experiment)})[
+        fed.devices[1]] == "offline", 20, "the stopped device to say it is offline", (bs,))
+    bs.send_signal(signal.SIGTERM)
+    assert bs.wait(20) == 0, bs.log_path.read_text()[-3000:]
+    status = json.loads(fed.status_path.read_text())
+    assert status["state"] == "stopped" and status["rounds_aggregated"] >= 2
+    assert fed.read(lambda s: s.experiment(fed.experiment).status) == "stopped"
+    # Started again, the basestation resumes the same experiment and the rounds go on from where they were.
+    done = status["rounds_aggregated"]
+    bs = fed.start_basestation(rounds=done + 2)
+    assert bs.wait(60) == 0, bs.log_path.read_text()[-3000:]
+    rounds = fed.rounds()
+    assert len([r for r in rounds if r.status == "aggregated"]) == done + 2
+    assert [r.round for r in rounds] == list(range(1, len(rounds) + 1))
+    assert edges[0].wait(30) == 0  # the finished plan ends the device still running
