@@ -101,3 +101,28 @@ def test_sigterm_stops_edges_and_basestation_cleanly(federation) -> None:
     assert len([r for r in rounds if r.status == "aggregated"]) == done + 2
     assert [r.round for r in rounds] == list(range(1, len(rounds) + 1))
     assert edges[0].wait(30) == 0  # the finished plan ends the device still running
+
+
+@pytest.mark.slow
+def test_measured_policy_decides_every_round_from_the_meters(federation, spawn, qfl_command) -> None:
+    fed = federation(devices=2, **{"rounds": 4, "training.iterations": 20, "precision.policy": "measured",
+                                   "precision.n": 8, "precision.m": 8})
+    edges = []
+    for i in range(2):
+        link = fed.root / f"meter{i}"
+        edges.append(fed.start_edge(i, meter_port=str(link), meter_idle_seconds=0.3))
+        spawn([*qfl_command, "meter", "emulate", "--pid", str(edges[-1].pid), "--link", str(link), "--seed", str(i)],
+              name=f"meter{i}")
+    bs = fed.start_basestation()
+    assert bs.wait(180) == 0, bs.log_path.read_text()[-3000:]
+    with fed.store() as store:
+        decisions = store.decisions(fed.experiment)
+        rounds = store.rounds(fed.experiment)
+        assert [d.policy for d in decisions] == ["measured"] * 4
+        assert [(d.round, d.n, d.m) for d in decisions] == [(r.round, r.n, r.m) for r in rounds]
+        assert all(d.inputs["round"] == d.round and "calibration" in d.inputs for d in decisions)
+        assert decisions[-1].inputs["records"] == 6  # every metered report of rounds 1-3 went into round 4's choice
+        assert [c[0] for c in store.calibrations(fed.experiment)] == [1, 2, 3, 4]
+        for r in rounds:
+            plan = store.plan(fed.experiment, r.round)
+            assert (plan["n"], plan["m"]) == (r.n, r.m)
