@@ -59,7 +59,7 @@ class RoundSettings:
     deadline_seconds: float = 60.0
     extensions: int = 2
     extension_seconds: float = 0.0
-    final_grace_seconds: float = 5.0
+    report_wait_seconds: float = 3.0
 
     @property
     def extension(self) -> float:
@@ -157,7 +157,7 @@ class BasestationConfig:
             deadline_seconds=r.number("deadline_seconds", 60.0, low=0.1),
             extensions=r.integer("extensions", 2, low=0),
             extension_seconds=r.number("extension_seconds", 0.0, low=0.0),
-            final_grace_seconds=r.number("final_grace_seconds", 5.0, low=0.0),
+            report_wait_seconds=r.number("report_wait_seconds", 3.0, low=0.0),
         )
         r.finish()
         tr = Table(t.table("training"), f"{where} [training]")

@@ -19,8 +19,10 @@ One loop in one thread (paho's network thread only queues events):
    with a quorum (else extend, then abandon; ``basestation.rounds``);
    aggregate with the strategy, evaluate on the held-out set, store the new
    model, evaluation and round in one transaction.
-5. After ``rounds`` aggregated rounds wait briefly for the last energy
-   reports, publish a ``finished`` plan, write the final status and return 0.
+5. After each aggregation, wait (briefly) for the energy reports of the
+   devices it aggregated, so the next decision sees them. After ``rounds``
+   aggregated rounds publish a ``finished`` plan, write the final status and
+   return 0.
 """
 
 from __future__ import annotations
@@ -94,7 +96,6 @@ class Basestation:
         self.plan: RoundPlan | None = None  # the plan last published (the open round's, or the final one)
         self.global_weights: dict[str, np.ndarray] = {}
         self.global_hash = ""
-        self._finishing_since: float | None = None
         self.sync = os.urandom(4).hex()
         self.finished = False
         self.x_test: np.ndarray | None = None
@@ -289,17 +290,31 @@ class Basestation:
             elif verdict == "abandon":
                 self._abandon(current)
             return verdict != "wait"
-        done = len(self.store.rounds(self.config.experiment, status="aggregated"))
+        rounds = self.store.rounds(self.config.experiment)
+        if rounds and self._awaiting_reports(rounds[-1], now):
+            return False  # the policy (and the end) should see the last round's energy reports
+        done = sum(r.status == "aggregated" for r in rounds)
         if self.target_rounds and done >= self.target_rounds:
             self._finish(now)
             return False
         eligible = self.ingest.eligible()
-        needed = self.config.round.min_devices if not self.store.rounds(self.config.experiment) \
-            else self.config.round.min_online
+        needed = self.config.round.min_devices if not rounds else self.config.round.min_online
         if len(eligible) >= needed:
             self._open_round(eligible, now)
             return True
         return False
+
+    def _awaiting_reports(self, last: Any, now: float) -> bool:
+        """True while some device whose update ``last`` aggregated has not sent its energy report yet,
+        for at most ``report_wait_seconds`` after the round closed."""
+        if last.status != "aggregated" or last.closed_at is None:
+            return False
+        if now - last.closed_at >= self.config.round.report_wait_seconds:
+            return False
+        exp = self.config.experiment
+        senders = {u.device for u in self.store.updates(exp, last.round)}
+        reported = {r["device"] for r in self.store.energy_reports(exp, round_=last.round)}
+        return not senders <= reported
 
     def _energy_inputs(self) -> tuple[list[Any], list[Any]]:
         """EnergyRecords and RoundStats for the policy, from every stored energy report."""
@@ -418,15 +433,8 @@ class Basestation:
     # ---- the end ----
     def _finish(self, now: float) -> None:
         exp = self.config.experiment
-        if self._finishing_since is None:
-            self._finishing_since = now
         rounds = self.store.rounds(exp)
         last = rounds[-1] if rounds else None
-        if last is not None and now - self._finishing_since < self.config.round.final_grace_seconds:
-            senders = {u.device for u in self.store.updates(exp, last.round)}
-            reported = {r["device"] for r in self.store.energy_reports(exp, round_=last.round)}
-            if not senders <= reported:
-                return  # give the last energy reports a moment
         if self.plan is not None:
             final = dataclasses.replace(self.plan, selected=(), status="finished", issued_at=now, m_per_device=None)
         else:

@@ -142,7 +142,7 @@ def round_overhead(root: Path, rounds: int) -> dict:
         fleet = [LightDevice(login(broker, creds, d), EXP, d, creds.devices[d].hmac_key, creds.model_key,
                              delta=delta, samples=90, seed=i).start() for i, d in enumerate(devices)]
         config = basestation_config(root, broker, creds_path, round={"min_devices": 20, "deadline_seconds": 30.0,
-                                                                     "final_grace_seconds": 0.0})
+                                                                     "report_wait_seconds": 3.0})
         station = Basestation(config, rounds=rounds)
         thread = threading.Thread(target=station.run, daemon=True)
         started = time.perf_counter()

@@ -97,7 +97,7 @@ def test_attacks_are_rejected_counted_and_leave_the_model_alone(federation, prot
     try:
         with fed.basestation_thread(**{"rounds": 2, "keep_payloads": True, "round.quorum": 1.0,
                                        "round.deadline_seconds": 30.0,
-                                       "round.final_grace_seconds": 0.5}) as station:
+                                       "round.report_wait_seconds": 0.5}) as station:
             player.link.publish(player.topics.device(player.device, "hello"),
                                 _hello(player.device, fed.experiment, player.key), retain=True)
             player.link.publish(player.topics.device(player.device, "status"),
