@@ -88,7 +88,7 @@ def quantize_model(model: str, weights: Mapping[str, np.ndarray], n: int, mode: 
 
     net = Network(get_architecture(model), bits=n, mode=mode, seed=0)
     net.set_weights(dict(weights))
-    return net.get_weights()
+    return net.get_weights(quantized=True)  # in master mode plain get_weights() is the float copy
 
 
 def evaluate_model(model: str, weights: Mapping[str, np.ndarray], n: int, mode: str, x: np.ndarray,

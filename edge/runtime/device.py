@@ -279,7 +279,10 @@ class EdgeRuntime:
         cfg = self.config
         started = time.time()
         log.info("round %d: training %d iterations at n=%d", plan.round, plan.iterations, plan.n)
-        net = Network(get_architecture(plan.model), bits=plan.n, mode=plan.mode, seed=cfg.seed)
+        # The network's seed drives its stochastic rounding: a fresh stream per device and round, so the
+        # rounding noise does not repeat from one round to the next.
+        net_seed = int(round_seed(cfg.seed, cfg.device_id, plan.round, 2).generate_state(1)[0])
+        net = Network(get_architecture(plan.model), bits=plan.n, mode=plan.mode, seed=net_seed)
         net.set_weights(model.weights())
         batch_seed = int(round_seed(cfg.seed, cfg.device_id, plan.round, 0).generate_state(1)[0])
         trainer = LocalTrainer(lr=plan.lr, momentum=plan.momentum, batch_size=plan.batch_size, seed=batch_seed)
