@@ -16,7 +16,7 @@ The configurations are timed interleaved, round after round, and the medians
 are reported, so a busy machine slows all of them alike. Goals: ratio <= 1.5
 for n <= 8 and <= 2 for n <= 16.
 
-    .venv/bin/python bench/train_step.py [--rounds 25] [--steps 32]
+    .venv/bin/python bench/train_step.py [--rounds 25] [--steps 32] [--models mlp,cnn]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from edge.trainer import LocalTrainer
 from models import get_architecture
 
 BITS = (2, 4, 8, 16)
+MODELS = ("mlp", "cnn")
 BATCH = 32
 LR = 0.1
 
@@ -110,7 +111,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25, help="interleaved timing rounds (the median is reported)")
     parser.add_argument("--steps", type=int, default=32, help="steps per timing")
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated models to time (mlp, cnn)")
     args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    if not models or any(m not in MODELS for m in models):
+        parser.error(f"--models takes a comma-separated subset of {', '.join(MODELS)}, got {args.models!r}")
     ds = load_dataset("digits", seed=0)
     report = {
         "benchmark": "train_step",
@@ -120,7 +125,7 @@ def main() -> None:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),
-        "models": {model: measure(model, args.rounds, args.steps, ds.x_train, ds.y_train) for model in ("mlp", "cnn")},
+        "models": {model: measure(model, args.rounds, args.steps, ds.x_train, ds.y_train) for model in models},
     }
     print(json.dumps(report))
 

@@ -40,6 +40,8 @@ import numpy as np
 FLOAT_BITS = 32
 """``bits = 32`` means plain float32 training (the standard-FL baseline)."""
 
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)  # dtype objects are singletons: ``is`` compares them
+
 Rounding = Literal["nearest", "stochastic"]
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -137,13 +139,15 @@ def update_weights(q: np.ndarray, delta: np.ndarray, bits: int, rng: RandomSourc
     if bits == 1:
         q[...] = quantize_weights(q + delta * scale, 1, "stochastic", _generator(rng))
         return
-    steps = np.multiply(delta, scale * float(1 << (bits - 1)), dtype=q.dtype)
+    factor = scale * float(1 << (bits - 1))
+    steps = delta * factor if delta.dtype is q.dtype else np.multiply(delta, factor, dtype=q.dtype)
     steps += uniform(rng, steps.shape)
     np.floor(steps, out=steps)
     q += steps
     lo, hi = weight_limits(bits)
-    np.maximum(q, lo, out=q)
-    np.minimum(q, hi, out=q)
+    # No test first: in training nearly every step has weights at an end of the grid.
+    np.maximum(q, _constant(lo, q.dtype), out=q)
+    np.minimum(q, _constant(hi, q.dtype), out=q)
 
 
 # ---------------------------------------------------------------------------
@@ -173,16 +177,17 @@ class UniformPool:
 
     def draw(self, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 array of ``shape`` with fresh uniform numbers (never handed out before)."""
-        count = math.prod(shape)
-        if self._position + count > len(self._pool):
-            size = max(self.block, count)
+        start = self._position
+        end = start + math.prod(shape)
+        if end > len(self._pool):
+            size = max(self.block, end - start)
             raw = self.rng.bit_generator.random_raw((size + 3) // 4).view(np.uint16)[:size]
-            pool = np.multiply(raw, np.float32(2.0 ** -16), dtype=np.float32)
-            pool += np.float32(2.0 ** -17)
-            self._pool, self._position = pool, 0  # a new array: earlier draws stay valid
-        out = self._pool[self._position:self._position + count]
-        self._position += count
-        return out.reshape(shape)
+            pool = raw.astype(np.float32)
+            pool += np.float32(0.5)
+            pool *= np.float32(2.0 ** -16)  # (k + 1/2) / 2**16, exactly
+            self._pool, start, end = pool, 0, end - start  # a new array: earlier draws stay valid
+        self._position = end
+        return self._pool[start:end].reshape(shape)
 
 
 RandomSource = Union[np.random.Generator, UniformPool]
@@ -265,34 +270,35 @@ def requantize(q: np.ndarray, exponent: int, bits: int, rounding: Rounding = "ne
         >>> requantize(np.array([0.0, 0.3, 1.0]), 0, bits=4).q.tolist()   # unsigned: 0..15
         [0.0, 5.0, 15.0]
     """
-    if q.dtype != np.float64 and (q.dtype != np.float32 or bits > FLOAT32_BITS):
+    if q.dtype is not _FLOAT64 and (q.dtype is not _FLOAT32 or bits > FLOAT32_BITS):
         q = q.astype(np.float64)
-    largest = float(q.max())
-    smallest = 0.0 if nonnegative else float(q.min())
-    # dynamic_format() and scale_exponent(), inlined: this runs several times per training step
+    # The range through argmax/argmin: plain methods, cheaper than the ufunc reductions
+    # behind max()/min() on the small tensors of a training step. Both pick a NaN if any.
+    largest = q.item(q.argmax())
+    smallest = 0.0 if nonnegative else q.item(q.argmin())
+    # dynamic_format() inlined: this runs several times per training step
     t = bits if smallest >= 0.0 else (bits if bits > 1 else 2) - 1
     limit = (1 << t) - 1
-    shift = scale_exponent(largest if largest >= -smallest else -smallest, t)
-    factor = 2.0 ** -shift
-    if factor > 2.0 ** 100 and q.dtype == np.float32:
+    shift = scale_exponent(-smallest if -smallest > largest else largest, t)  # a NaN largest reaches the check
+    if shift < -100 and q.dtype is _FLOAT32:
         q = q.astype(np.float64)  # values near float32's underflow: scale them where the factor fits
     if rounding == "nearest":
         if shift:
-            scaled = q * factor
+            scaled = np.multiply(q, power_of_two(-shift, q.dtype))
             np.rint(scaled, out=scaled)
         else:
             scaled = np.rint(q)
-        overflow = largest * factor >= limit + 0.5
+        overflow = math.ldexp(largest, -shift) >= limit + 0.5
     else:
         if rng is None:
             raise ValueError("stochastic rounding needs a random source (numpy Generator or UniformPool)")
         if shift:
-            scaled = q * factor
+            scaled = np.multiply(q, power_of_two(-shift, q.dtype))
             scaled += uniform(rng, q.shape)
         else:
             scaled = q + uniform(rng, q.shape)
         np.floor(scaled, out=scaled)
-        overflow = largest * factor > limit
+        overflow = math.ldexp(largest, -shift) > limit
     if overflow:
         np.minimum(scaled, limit, out=scaled)
     return Fixed(scaled, exponent + shift, 1 << t)
@@ -316,6 +322,43 @@ def _round(x: np.ndarray, rounding: Rounding, rng: np.random.Generator | None, t
     if rounding != "nearest":
         check_rounding(rounding)
     return np.floor(x + 0.5) if ties_up else np.rint(x)
+
+
+_CONSTANTS: dict[tuple[float, np.dtype], np.ndarray] = {}
+
+
+def _constant(value: float, dtype: np.dtype) -> np.ndarray:
+    """``value`` as a 0-d array of ``dtype``, cached.
+
+    numpy combines an array with a 0-d array of its own type faster than with a
+    Python number, which it converts on every call: about 0.1 us of the 0.5 us
+    an operation on the small tensors of a training step costs.
+    """
+    key = (value, dtype)
+    constant = _CONSTANTS.get(key)
+    if constant is None:
+        constant = _CONSTANTS[key] = np.array(value, dtype)
+    return constant
+
+
+_POWERS_OF_TWO: dict[tuple[int, np.dtype], np.ndarray | float] = {}
+
+
+def power_of_two(exponent: int, dtype: np.dtype) -> np.ndarray | float:
+    """``2**exponent`` to scale arrays of ``dtype`` by, exactly and cheaply (see :func:`_constant`).
+
+    A cached 0-d array of ``dtype`` within that type's normal range, else a Python float.
+
+        >>> power_of_two(-3, np.dtype(np.float32)), power_of_two(200, np.dtype(np.float32))
+        (array(0.125, dtype=float32), 1.6069380442589903e+60)
+    """
+    key = (exponent, dtype)
+    value = _POWERS_OF_TWO.get(key)
+    if value is None:
+        info = np.finfo(dtype)
+        value = np.array(2.0 ** exponent, dtype) if info.minexp <= exponent < info.maxexp else 2.0 ** exponent
+        _POWERS_OF_TWO[key] = value
+    return value
 
 
 def dequantize(q: np.ndarray, exponent: int) -> np.ndarray:

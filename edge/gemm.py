@@ -34,6 +34,7 @@ FLOAT32_EXACT = 1 << 24
 FLOAT64_EXACT = 1 << 53
 INT64_LIMIT = 1 << 63
 
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)  # dtype objects are singletons: ``is`` compares them
 _force_int64 = False
 
 
@@ -94,10 +95,9 @@ def accumulate(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
     int64 and then rounded once to float64; beyond 2**63 (only for n >= 29
     with long dot products) it is a float64 BLAS product.
     """
-    if bound < FLOAT32_EXACT and not _force_int64:
-        return np.matmul(a.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
     if bound < FLOAT64_EXACT and not _force_int64:
-        return np.matmul(a.astype(np.float64, copy=False), b.astype(np.float64, copy=False))
+        dtype = _FLOAT32 if bound < FLOAT32_EXACT else _FLOAT64
+        return np.matmul(a if a.dtype is dtype else a.astype(dtype), b if b.dtype is dtype else b.astype(dtype))
     if bound < INT64_LIMIT:
         exact = np.matmul(a.astype(np.int64), b.astype(np.int64))
         return exact.astype(np.float32 if bound < FLOAT32_EXACT else np.float64)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from edge.fixedpoint import FLOAT_BITS, Fixed, RandomSource, Rounding, requantize, weight_exponent
+from edge.fixedpoint import FLOAT_BITS, Fixed, RandomSource, Rounding, power_of_two, requantize, weight_exponent
 from edge.gemm import accumulate, product_bound
 
 
@@ -92,7 +92,7 @@ class Parametric(Layer):
 
     def _bias_added(self, acc: np.ndarray, x_exponent: int) -> np.ndarray:
         # The bias lives at exponent e_w, the accumulator at e_x + e_w.
-        acc += self.b * (2.0 ** -x_exponent) if x_exponent else self.b
+        acc += self.b * power_of_two(-x_exponent, self.b.dtype) if x_exponent else self.b
         return acc
 
     def _param_grads(self, left: np.ndarray, right: np.ndarray, errors: np.ndarray, w_exponent: int,
@@ -104,22 +104,23 @@ class Parametric(Layer):
         error integer. ``split_rows`` writes the first that many rows' share
         into the half buffers and the rest into the gradients.
         """
-        w_scale, b_scale = 2.0 ** w_exponent, 2.0 ** g_exponent
         if split_rows is None:
-            self._grads_into(left, right, errors, w_scale, b_scale, term_bound, self.grad_w, self.grad_b)
+            self._grads_into(left, right, errors, w_exponent, g_exponent, term_bound, self.grad_w, self.grad_b)
             return
         cut = split_rows
-        self._grads_into(left[:, :cut], right[:cut], errors[:cut], w_scale, b_scale, term_bound,
+        self._grads_into(left[:, :cut], right[:cut], errors[:cut], w_exponent, g_exponent, term_bound,
                          self.half_w, self.half_b)
-        self._grads_into(left[:, cut:], right[cut:], errors[cut:], w_scale, b_scale, term_bound,
+        self._grads_into(left[:, cut:], right[cut:], errors[cut:], w_exponent, g_exponent, term_bound,
                          self.grad_w, self.grad_b)
 
-    def _grads_into(self, left: np.ndarray, right: np.ndarray, errors: np.ndarray, w_scale: float, b_scale: float,
-                    term_bound: int, out_w: np.ndarray, out_b: np.ndarray) -> None:
+    def _grads_into(self, left: np.ndarray, right: np.ndarray, errors: np.ndarray, w_exponent: int,
+                    g_exponent: int, term_bound: int, out_w: np.ndarray, out_b: np.ndarray) -> None:
         # Gradients are exact in the accumulator and rounded once, to float32, when stored.
         if self.numerics.exact:
-            np.multiply(accumulate(left, right, len(right) * term_bound), w_scale, out=out_w)
-            np.multiply(np.add.reduce(errors, axis=0), b_scale, out=out_b)
+            product = accumulate(left, right, len(right) * term_bound)
+            np.multiply(product, power_of_two(w_exponent, product.dtype), out=out_w)
+            sums = np.add.reduce(errors, axis=0)
+            np.multiply(sums, power_of_two(g_exponent, sums.dtype), out=out_b)
         else:
             np.matmul(left, right, out=out_w)
             np.add.reduce(errors, axis=0, out=out_b)
@@ -219,13 +220,17 @@ class Conv2D(Parametric):
         dx = nm.matmul(_patches(stuffed, k, 1), flipped, bound)
         return Fixed(dx.reshape(batch, h, w, c), g.exponent + nm.weight_exponent)
 
-    def _grads_into(self, left: np.ndarray, right: np.ndarray, errors: np.ndarray, w_scale: float, b_scale: float,
-                    term_bound: int, out_w: np.ndarray, out_b: np.ndarray) -> None:
+    def _grads_into(self, left: np.ndarray, right: np.ndarray, errors: np.ndarray, w_exponent: int,
+                    g_exponent: int, term_bound: int, out_w: np.ndarray, out_b: np.ndarray) -> None:
         # The product is (F, k*k*C); out_w is the (F, k, k, C) view of the (F, C, k, k) gradient.
-        nm = self.numerics
-        product = accumulate(left, right, len(right) * term_bound) if nm.exact else left @ right
-        np.multiply(product.reshape(out_w.shape), w_scale, out=out_w)
-        np.multiply(np.add.reduce(errors, axis=0), b_scale, out=out_b)
+        if self.numerics.exact:
+            product = accumulate(left, right, len(right) * term_bound)
+            np.multiply(product.reshape(out_w.shape), power_of_two(w_exponent, product.dtype), out=out_w)
+            sums = np.add.reduce(errors, axis=0)
+            np.multiply(sums, power_of_two(g_exponent, sums.dtype), out=out_b)
+        else:
+            out_w[...] = (left @ right).reshape(out_w.shape)
+            np.add.reduce(errors, axis=0, out=out_b)
 
     def __repr__(self) -> str:
         return f"Conv2D({self.in_shape[0]} -> {self.filters}, {self.kernel}x{self.kernel}, stride {self.stride})"

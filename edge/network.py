@@ -36,6 +36,7 @@ from edge.fixedpoint import (
     carrier_dtype,
     check_bits,
     check_rounding,
+    power_of_two,
     quantize_weights,
     requantize,
     update_weights,
@@ -232,7 +233,7 @@ class Network:
         fx = x if isinstance(x, Fixed) else Fixed(_channels_last(x), 0)
         for layer in self.layers:
             fx = layer.forward(fx, train)
-        return fx.q * (2.0 ** fx.exponent) if fx.exponent else fx.q
+        return fx.q * power_of_two(fx.exponent, fx.q.dtype) if fx.exponent else fx.q
 
     def _initial_values(self) -> np.ndarray:
         """He-normal weights (std sqrt(2 / fan_in)) and zero biases, flat, float64."""
