@@ -201,14 +201,11 @@ def _on_grid(arch_name: str, weights: dict[str, np.ndarray], bits: int) -> dict[
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
+    from basestation.report.load import read_json_object
+    from basestation.report.data import ReportError
     from edge.cli import CommandError
 
-    if not path.exists():
-        return {}
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CommandError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise CommandError(f"{path} must hold a JSON object, got {type(doc).__name__}")
-    return doc
+        return read_json_object(path)
+    except ReportError as exc:
+        raise CommandError(str(exc)) from None

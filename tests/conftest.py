@@ -298,3 +298,19 @@ def federation(tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]],
         return Federation(tmp_path, spawn, broker_factory, **options)
 
     return make
+
+
+_BUSY_WORKER = ("import time\n"
+                "while True:\n"
+                "    t = time.monotonic()\n"
+                "    while time.monotonic() - t < 0.03: pass\n"
+                "    time.sleep(0.12)\n")
+
+
+@pytest.fixture
+def worker() -> Iterator[subprocess.Popen[bytes]]:
+    """A child process that is busy 30 ms out of every 150 ms: something for a meter emulator to watch."""
+    child = subprocess.Popen([sys.executable, "-c", _BUSY_WORKER])
+    yield child
+    child.kill()
+    child.wait()

@@ -22,15 +22,6 @@ from firmware_tools.emulator import (BoardError, FaultError, FaultPlan, MeterEmu
 from firmware_tools.emulator.faults import LineFaults
 from firmware_tools.emulator.ptylink import LinkError, PtyLink
 
-WORKER = "import time\nwhile True:\n    t = time.monotonic()\n    while time.monotonic() - t < 0.03: pass\n    time.sleep(0.12)\n"
-
-
-@pytest.fixture
-def worker():
-    child = subprocess.Popen([sys.executable, "-c", WORKER])
-    yield child
-    child.kill()
-    child.wait()
 
 
 def _wait_for(predicate, seconds: float = 10.0) -> bool:

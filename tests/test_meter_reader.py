@@ -244,16 +244,6 @@ def test_phase_misuse_is_refused():
 
 
 # --- PowerMeter on a real pseudo-terminal ----------------------------------------------------------------
-WORKER = "import time\nwhile True:\n    t = time.monotonic()\n    while time.monotonic() - t < 0.03: pass\n    time.sleep(0.12)\n"
-
-
-@pytest.fixture
-def worker():
-    """A child process that is busy 30 ms out of every 150 ms: something for the emulator to watch."""
-    child = subprocess.Popen([sys.executable, "-c", WORKER])
-    yield child
-    child.kill()
-    child.wait()
 
 
 def test_power_meter_reads_the_emulator(tmp_path, worker):

@@ -44,7 +44,7 @@ def load_run(path: str | Path, *, experiment: str | None = None) -> RunData:
     run_dir = Path(path)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a directory; give the run directory 'qfl testbed' wrote")
-    summary = _read_json(run_dir / "summary.json")
+    summary = read_json_object(run_dir / "summary.json")
     config = _read_config(run_dir)
     store_path = find_store(run_dir, summary)
     if store_path is None:
@@ -78,7 +78,8 @@ def find_store(run_dir: Path, summary: dict) -> Path | None:
     return found[0] if found else None
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path`` ({} if the file is absent); ReportError if it is not one."""
     if not path.exists():
         return {}
     try:
@@ -92,7 +93,7 @@ def _read_json(path: Path) -> dict:
 
 def _read_config(run_dir: Path) -> dict:
     if (run_dir / "config.json").exists():
-        return _read_json(run_dir / "config.json")
+        return read_json_object(run_dir / "config.json")
     path = run_dir / "config.toml"
     if not path.exists():
         return {}
