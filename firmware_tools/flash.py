@@ -34,6 +34,11 @@ def flash_steps(port: str, mpremote: str = "mpremote") -> list[list[str]]:
     return steps
 
 
+def find_mpremote(name: str = "mpremote") -> str | None:
+    """Path of mpremote: on PATH, or in this interpreter's own bin folder (a virtualenv not activated)."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
 def flash(port: str, *, mpremote: str = "mpremote", timeout: float = 60.0, echo=print) -> None:
     """Copy the firmware to the board at ``port`` and reset it; raises FlashError with the reason.
 
@@ -42,9 +47,9 @@ def flash(port: str, *, mpremote: str = "mpremote", timeout: float = 60.0, echo=
     if not Path(port).exists():
         raise FlashError(f"no device at {port}: is the Pico plugged in and running MicroPython? "
                          "(ls /dev/ttyACM*; a Pico in BOOTSEL mode shows up as a drive, not a serial port)")
-    executable = shutil.which(mpremote)
+    executable = find_mpremote(mpremote)
     if executable is None:
-        raise FlashError(f"{mpremote!r} not found on PATH: install it with 'pip install mpremote' "
+        raise FlashError(f"{mpremote!r} not found on PATH or beside {sys.executable}: install it with 'pip install mpremote' "
                          "(it is part of the dev extra: pip install -e '.[dev]')")
     for step in flash_steps(port, executable):
         shown = " ".join(step)

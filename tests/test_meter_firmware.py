@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -180,7 +179,7 @@ def test_flash_explains_a_missing_board_and_a_missing_mpremote(tmp_path):
     assert flash.main(["--port", str(tmp_path / "ttyACM9")]) == 2
 
 
-@pytest.mark.skipif(shutil.which("mpremote") is None, reason="mpremote is not installed")
+@pytest.mark.skipif(flash.find_mpremote() is None, reason="mpremote is not installed")
 def test_flash_reports_a_port_without_micropython(tmp_path):
     with PtyLink(tmp_path / "not-a-pico"):  # a serial device where nothing answers the raw REPL
         with pytest.raises(flash.FlashError, match="failed|did not finish"):
