@@ -20,6 +20,7 @@ the standard library only, so it runs on a device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import re
@@ -346,10 +347,8 @@ class MqttLink:
         """Optionally publish one last retained message, then disconnect cleanly."""
         if publish is not None and self.connected:
             info = self._client.publish(publish[0], publish[1], qos=1, retain=True)
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError):
-                pass
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -81,12 +82,10 @@ def test_sigint_stops_every_process(tmp_path: Path) -> None:
         while time.monotonic() < deadline and testbed.poll() is None:
             store = run_dir / "store.sqlite"
             if store.exists():
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
                         if db.execute("SELECT COUNT(*) FROM rounds WHERE status != 'open'").fetchone()[0] >= 1:
                             break
-                except sqlite3.Error:
-                    pass
             time.sleep(0.2)
         assert testbed.poll() is None, testbed.stdout.read() if testbed.stdout else ""
         assert processes_mentioning(str(run_dir))  # the run really has children now

@@ -12,6 +12,7 @@ instead of all of them dying at once mid-write.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -89,10 +90,8 @@ class Supervisor:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def wait_for(predicate, *, timeout: float, interval: float = 0.05, what: str = "condition") -> None:

@@ -18,6 +18,7 @@ arithmetic happens in the pure ``edge.meter.stream.MeterStream``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -313,10 +314,8 @@ class PowerMeter:
                     backoff = min(backoff * 2, _BACKOFF_MAX)
         finally:
             if ser is not None:
-                try:
+                with contextlib.suppress(serial.SerialException, OSError):
                     ser.write(command("STOP"))
-                except (serial.SerialException, OSError):
-                    pass
                 ser.close()
             self._ready.set()
             self._set_state("closed")
@@ -352,10 +351,8 @@ class PowerMeter:
     def _drop(self, ser: serial.Serial | None) -> None:
         """Forget a port that failed: the stream breaks its run and the state says so."""
         if ser is not None:
-            try:
+            with contextlib.suppress(serial.SerialException, OSError):
                 ser.close()
-            except (serial.SerialException, OSError):
-                pass
         with self._cond:
             if self._state == "streaming":  # count each outage once, not each failed attempt
                 self._stream.disconnected()

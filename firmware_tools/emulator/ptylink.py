@@ -17,6 +17,7 @@ host stops reading. It also serves as the ``port`` of the firmware's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import tty
@@ -67,11 +68,9 @@ class PtyLink:
         """Remove the link and close the pty: an open reader sees the device go away."""
         if not self.plugged:
             return
-        try:
+        with contextlib.suppress(OSError):
             if self.link.is_symlink() and os.readlink(self.link) == self.device:
                 self.link.unlink()
-        except OSError:
-            pass
         os.close(self._master)
         os.close(self._slave)
         self._master = self._slave = -1
@@ -123,10 +122,8 @@ class PtyLink:
         if not self.plugged:
             select.select([], [], [], ms / 1000.0)
             return
-        try:
+        with contextlib.suppress(OSError, ValueError):
             select.select([self._master], [], [], ms / 1000.0)
-        except (OSError, ValueError):
-            pass
 
     def __enter__(self) -> PtyLink:
         return self
