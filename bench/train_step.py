@@ -16,7 +16,7 @@ The configurations are timed interleaved, round after round, and the medians
 are reported, so a busy machine slows all of them alike. Goals: ratio <= 1.5
 for n <= 8 and <= 2 for n <= 16.
 
-    .venv/bin/python bench/train_step.py [--rounds 25] [--steps 32] [--models mlp,cnn]
+    .venv/bin/python bench/train_step.py [--rounds 25] [--steps 32] [--models mlp,cnn] [--batch 32]
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def bare_step(model: str, bits: int, x: np.ndarray, y: np.ndarray, batches: list
     return run
 
 
-def trainer_step(model: str, bits: int, x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
+def trainer_step(model: str, bits: int, x: np.ndarray, y: np.ndarray, batch: int) -> Callable[[], float]:
     net = Network(get_architecture(model), bits=bits, seed=0)
-    trainer = LocalTrainer(lr=LR, batch_size=BATCH, seed=0)
+    trainer = LocalTrainer(lr=LR, batch_size=batch, seed=0)
 
     def run() -> float:
         return trainer.train(net, x, y, iterations=64).seconds / 64
@@ -72,15 +72,15 @@ def trainer_step(model: str, bits: int, x: np.ndarray, y: np.ndarray) -> Callabl
     return run
 
 
-def measure(model: str, rounds: int, steps: int, x: np.ndarray, y: np.ndarray) -> dict:
+def measure(model: str, rounds: int, steps: int, batch: int, x: np.ndarray, y: np.ndarray) -> dict:
     rng = np.random.default_rng(0)
-    batches = [rng.choice(len(y), BATCH, replace=False) for _ in range(steps)]
+    batches = [rng.choice(len(y), batch, replace=False) for _ in range(steps)]
     configs: dict[str, Callable[[], float]] = {"float32": bare_step(model, 32, x, y, batches, False),
-                                               "float32/trainer": trainer_step(model, 32, x, y)}
+                                               "float32/trainer": trainer_step(model, 32, x, y, batch)}
     for bits in BITS:
         configs[f"{bits}"] = bare_step(model, bits, x, y, batches, False)
         configs[f"{bits}/int64"] = bare_step(model, bits, x, y, batches, True)
-        configs[f"{bits}/trainer"] = trainer_step(model, bits, x, y)
+        configs[f"{bits}/trainer"] = trainer_step(model, bits, x, y, batch)
     for run in configs.values():
         run()  # warm up
     times: dict[str, list[float]] = {name: [] for name in configs}
@@ -112,20 +112,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=25, help="interleaved timing rounds (the median is reported)")
     parser.add_argument("--steps", type=int, default=32, help="steps per timing")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated models to time (mlp, cnn)")
+    parser.add_argument("--batch", type=int, default=BATCH, help="examples per step (the goals are for 32)")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     if not models or any(m not in MODELS for m in models):
         parser.error(f"--models takes a comma-separated subset of {', '.join(MODELS)}, got {args.models!r}")
+    if args.batch < 1:
+        parser.error(f"--batch must be a positive number of examples, got {args.batch}")
     ds = load_dataset("digits", seed=0)
+    if args.batch > len(ds.y_train):
+        parser.error(f"--batch can be at most the {len(ds.y_train)} training examples, got {args.batch}")
     report = {
         "benchmark": "train_step",
-        "batch": BATCH,
+        "batch": args.batch,
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),
-        "models": {model: measure(model, args.rounds, args.steps, ds.x_train, ds.y_train) for model in models},
+        "models": {model: measure(model, args.rounds, args.steps, args.batch, ds.x_train, ds.y_train) for model in models},
     }
     print(json.dumps(report))
 
