@@ -250,3 +250,37 @@ def test_dequantize() -> None:
     q = np.array([-128, 0, 127], dtype=np.float32)
     assert dequantize(q, -7).tolist() == [-1.0, 0.0, 127 / 128]
     assert dequantize(q, -7).dtype == np.float32
+
+
+def test_requantize_refuses_nan_even_when_promised_nonnegative() -> None:
+    from edge.fixedpoint import requantize
+
+    x = np.array([0.5, np.nan, 2.0], dtype=np.float32)
+    with pytest.raises(FloatingPointError):
+        requantize(x, 0, bits=8, nonnegative=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_power_of_two_is_exact_inside_and_outside_the_normal_range(dtype) -> None:
+    from edge.fixedpoint import power_of_two
+
+    info = np.finfo(dtype)
+    exponents = (info.minexp - 5, info.minexp, -24, -1, 0, 1, 30, info.maxexp - 1, info.maxexp + 3)
+    for exponent in (e for e in exponents if e < 1024):  # 2.0**1024 is beyond any Python float
+        value = power_of_two(exponent, np.dtype(dtype))
+        assert float(value) == 2.0 ** exponent
+        inside = info.minexp <= exponent < info.maxexp
+        assert isinstance(value, np.ndarray) == inside
+        if inside:
+            assert value.dtype == dtype
+
+
+def test_pure_numeric_modules_pass_their_doctests() -> None:
+    import doctest
+
+    import edge.fixedpoint
+    import edge.gemm
+
+    for module in (edge.fixedpoint, edge.gemm):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
