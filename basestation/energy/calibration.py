@@ -10,7 +10,8 @@ form plus a fixed part,
 
     E_up = joules_per_message * messages + joules_per_bit * bits.
 
-Both fits minimise Huber's loss of the relative residuals by iteratively
+Both fits minimise Huber's loss of relative residuals (each divided by the median
+reading at its precision) by iteratively
 reweighted least squares with non-negative coefficients (numpy only), so a few
 outlying rounds (a retransmission, a busy background process) do not move
 them; alpha is profiled over a grid (coarse, then 0.001 fine). A fit reports
@@ -226,7 +227,7 @@ def fit_compute(records: Sequence[EnergyRecord], *, macs_per_sample: int, alpha_
                           f"training precisions{' (with the alpha prior)' if prior else ''}; have {len(y)} record(s) "
                           f"at n = {', '.join(map(str, distinct)) or 'none'}",
                           macs_per_sample=macs_per_sample, alpha_prior=prior, table=table)
-    scale = _relative_scale(y)
+    scale = _relative_scale(y, n)
     alpha, coef, sigma, weights = _profile_alpha(n, work, y, scale, prior)
     fixed_j, per_mac = float(coef[0]), float(coef[1])
     powered = work * (n / 32.0) ** alpha
@@ -252,7 +253,7 @@ def fit_uplink(records: Sequence[EnergyRecord]) -> UplinkFit:
         return UplinkFit(status=INSUFFICIENT, reason=f"every uplink sent {bits[0] / msgs[0]:g} bits per message; "
                          "need at least two message sizes (two uplink precisions m) to separate the cost per bit "
                          "from the cost per message")
-    scale = _relative_scale(y)
+    scale = _relative_scale(y, bits / msgs)
     design = np.stack([msgs, bits], axis=1)[None]
     coef_g, _, sigma, weights_g = _huber_nnls(design, y, scale)
     coef, weights = coef_g[0], weights_g[0]
@@ -264,10 +265,22 @@ def fit_uplink(records: Sequence[EnergyRecord]) -> UplinkFit:
 
 # --- numerics ---------------------------------------------------------------------------------------------
 
-def _relative_scale(y: np.ndarray) -> np.ndarray:
-    """Per-point scale of the residuals: |y|, floored so near-zero readings do not dominate."""
-    floor = 0.05 * float(np.median(np.abs(y))) or 1e-12
-    return np.maximum(np.abs(y), floor)
+def _relative_scale(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per-point scale of the residuals: the median |y| of the point's group (same precision), floored.
+
+    Dividing each residual by its own reading would reward fits that run low
+    (an underestimate can be off by at most 100%, an overestimate by any
+    amount), which on noisy meters biased the calibrated model well below the
+    measurements. The group median keeps the residuals relative, for
+    precisions whose energies differ by orders of magnitude, without that bias.
+    """
+    magnitude = np.abs(y)
+    level = np.empty_like(magnitude)
+    for value in np.unique(groups):
+        members = groups == value
+        level[members] = np.median(magnitude[members])
+    floor = 0.05 * float(np.median(magnitude)) or 1e-12
+    return np.maximum(level, floor)
 
 
 def _compute_design(n: np.ndarray, work: np.ndarray, alphas: np.ndarray) -> np.ndarray:
