@@ -160,18 +160,14 @@ def load_global_model(store_path: Path, experiment: str | None = None, *, round_
 
 
 def _experiment(store: Any, store_path: Path, experiment: str | None) -> Any:
+    from basestation.report.data import ReportError
+    from basestation.report.load import pick_experiment
     from edge.cli import CommandError
 
-    ids = [e.id for e in store.experiments()]
-    if experiment is None:
-        if len(ids) != 1:
-            raise CommandError(f"{store_path} holds {len(ids)} experiments ({', '.join(ids) or 'none'}); "
-                               "choose one with --experiment")
-        experiment = ids[0]
-    record = store.experiment(experiment)
-    if record is None:
-        raise CommandError(f"{store_path} has no experiment {experiment!r}; it has: {', '.join(ids) or 'none'}")
-    return record
+    try:
+        return pick_experiment(store, store_path, experiment, hint="choose one with --experiment")
+    except ReportError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _architecture_name(experiment: str, config: dict[str, Any]) -> str:

@@ -127,16 +127,23 @@ def read_store(path: Path, experiment: str | None = None) -> StoreContents:
     except (StoreError, OSError) as exc:
         raise ReportError(f"cannot read the store {path}: {exc}") from None
     with store:
-        ids = [e.id for e in store.experiments()]
-        if experiment is None:
-            if len(ids) != 1:
-                raise ReportError(f"{path} holds {len(ids)} experiments ({', '.join(ids) or 'none'}); name one in "
-                                  "summary.json as {\"experiment\": \"ID\"}")
-            experiment = ids[0]
-        record = store.experiment(experiment)
-        if record is None:
-            raise ReportError(f"{path} has no experiment {experiment!r}; it has: {', '.join(ids) or 'none'}")
+        record = pick_experiment(store, path, experiment,
+                                 hint="name one in summary.json as {\"experiment\": \"ID\"}")
         return _contents(store, record)
+
+
+def pick_experiment(store: Any, path: Path, experiment: str | None, *, hint: str) -> Any:
+    """The store's record of ``experiment``, or of its only experiment when None; ReportError otherwise,
+    ending with ``hint`` (how the caller names one)."""
+    ids = [e.id for e in store.experiments()]
+    if experiment is None:
+        if len(ids) != 1:
+            raise ReportError(f"{path} holds {len(ids)} experiments ({', '.join(ids) or 'none'}); {hint}")
+        experiment = ids[0]
+    record = store.experiment(experiment)
+    if record is None:
+        raise ReportError(f"{path} has no experiment {experiment!r}; it has: {', '.join(ids) or 'none'}")
+    return record
 
 
 def _contents(store: Any, record: Any) -> StoreContents:
