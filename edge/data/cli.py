@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="digits", help="'digits', 'mnist:DIR' or 'fashion-mnist:DIR'")
+    parser.add_argument("--dataset", default="digits", help="'digits', 'mnist-subset', 'mnist:DIR' or 'fashion-mnist:DIR'")
     parser.add_argument("--devices", type=int, default=4, help="number of shards to write")
     parser.add_argument("--scheme", default="iid", help="'iid', 'dirichlet:ALPHA' or 'shards:K'")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
