@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_broker(args: argparse.Namespace, error: type[Exception]) -> int:
     from basestation.broker import Broker, BrokerError, BrokerTls
-    from basestation.credentials import Credentials, CredentialsError
+    from firmware_tools.credentials import Credentials, CredentialsError
 
     accounts, experiment = [], "+"
     if args.credentials:

@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the config and run the service."""
     from basestation.config import BasestationConfig, ConfigError
-    from basestation.credentials import CredentialsError
+    from firmware_tools.credentials import CredentialsError
     from basestation.service import Basestation, ServiceError
     from basestation.store import StoreError
     from edge.cli import CommandError

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from basestation.config import BasestationConfig
-from basestation.credentials import Credentials
+from firmware_tools.credentials import Credentials
 from basestation.ingest import Ingest, Outcome
 from basestation.rounds import (RoundProgress, apply_update, evaluate_model, initial_model, quantize_model,
                                 quorum_count, select_devices)

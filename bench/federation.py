@@ -42,7 +42,7 @@ import numpy as np
 
 from basestation.broker import Broker
 from basestation.config import BasestationConfig
-from basestation.credentials import Credentials, DeviceCredentials
+from firmware_tools.credentials import Credentials, DeviceCredentials
 from basestation.ingest import Ingest
 from basestation.loadgen import LightDevice
 from basestation.service import Basestation

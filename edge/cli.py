@@ -17,8 +17,11 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). Order is the order shown in --help.
-COMMANDS: dict[str, tuple[str, str]] = {
+# name -> (module, one-line help), or name -> {action: (module, one-line help)} for a command whose
+# actions live in different layers ('meter read' runs on a device, 'meter emulate' needs the emulator).
+# Order is the order shown in --help.
+Entry = tuple[str, str]
+COMMANDS: dict[str, Entry | dict[str, Entry]] = {
     "testbed": ("basestation.testbed.cli", "run the emulated testbed end to end and write a report"),
     "report": ("basestation.report.cli", "write the report of one or more finished runs"),
     "train": ("edge.commands.train", "train one model centrally with the fixed-point trainer"),
@@ -26,52 +29,78 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "edge": ("edge.runtime.cli", "run a device: train, meter, and publish updates over MQTT"),
     "basestation": ("basestation.cli", "run the basestation service that orchestrates rounds"),
     "broker": ("basestation.broker_cli", "run a private Mosquitto broker for a field testbed"),
-    "meter": ("edge.meter.cli", "read a power meter, or emulate one for a local process"),
+    "meter": {
+        "read": ("edge.meter.cli", "live readout and an energy summary from a meter"),
+        "emulate": ("firmware_tools.emulator.cli", "emulate a meter for a running process on a pseudo-terminal"),
+    },
     "inspect": ("edge.wire.inspect_cli", "print a decoded summary of an update or model message"),
     "partition": ("edge.data.cli", "split a dataset into per-device shards (.npz)"),
-    "export": ("models.cli", "export a trained global model to ONNX"),
+    "export": ("basestation.export_cli", "export a trained global model to ONNX"),
 }
+GROUP_HELP = {"meter": "read a power meter, or emulate one for a local process"}
 
 
 class CommandError(Exception):
     """An error a command reports to the user as one line, exit status 2."""
 
 
-def _top_parser() -> argparse.ArgumentParser:
-    lines = [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+def _summary(name: str) -> str:
+    entry = COMMANDS[name]
+    return GROUP_HELP[name] if isinstance(entry, dict) else entry[1]
+
+
+def _listing_parser(prog: str, description: str, entries: dict[str, str], hint: str) -> argparse.ArgumentParser:
+    lines = [f"  {name:<12} {summary}" for name, summary in entries.items()]
     return argparse.ArgumentParser(
-        prog="qfl",
-        description="qfl-testbed: quantized federated learning with measured energy.",
-        epilog="commands:\n" + "\n".join(lines) + "\n\nRun 'qfl COMMAND --help' for the options of one command.",
+        prog=prog, description=description,
+        epilog="commands:\n" + "\n".join(lines) + f"\n\n{hint}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def _pick(prog: str, description: str, table: dict[str, str], argv: list[str], hint: str,
+          version: bool = False) -> str | None:
+    """The command named by ``argv[0]`` if it is in ``table``; otherwise print help or an error, return None."""
+    parser = _listing_parser(prog, description, table, hint)
+    if version:
+        parser.add_argument("--version", action="version", version=f"qfl-testbed {_version()}")
+    if argv and argv[0] in table:
+        return argv[0]
+    if argv and not argv[0].startswith("-"):
+        parser.error(f"unknown command {argv[0]!r}; choose one of: {', '.join(table)}")
+    parser.parse_args(argv)
+    parser.print_help()
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run one subcommand, return its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = _top_parser()
-    top.add_argument("--version", action="version", version=f"qfl-testbed {_version()}")
-    if not argv or argv[0] not in COMMANDS:
-        if argv and not argv[0].startswith("-"):
-            top.error(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
-        top.parse_args(argv)
-        top.print_help()
+    name = _pick("qfl", "qfl-testbed: quantized federated learning with measured energy.",
+                 {n: _summary(n) for n in COMMANDS}, argv, "Run 'qfl COMMAND --help' for the options of one command.",
+                 version=True)
+    if name is None:
         return 2
-    name = argv[0]
-    module_name, summary = COMMANDS[name]
+    entry, prog, rest = COMMANDS[name], f"qfl {name}", argv[1:]
+    if isinstance(entry, dict):
+        action = _pick(prog, GROUP_HELP[name], {a: e[1] for a, e in entry.items()}, rest,
+                       f"Run '{prog} ACTION --help' for the options of one action.")
+        if action is None:
+            return 2
+        entry, prog, rest = entry[action], f"{prog} {action}", rest[1:]
+    module_name, summary = entry
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"qfl {name}", description=(module.__doc__ or summary).strip().splitlines()[0],
+    parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or summary).strip().splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     module.configure(parser)
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
     except CommandError as exc:
-        print(f"qfl {name}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"qfl {name}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from basestation.broker import acl_text, write_password_file
-from basestation.credentials import Credentials, CredentialsError, DeviceCredentials
+from firmware_tools.broker_auth import acl_text, write_password_file
+from firmware_tools.credentials import Credentials, CredentialsError, DeviceCredentials
 from edge.mqtt import BrokerSettings, check_name
 
 

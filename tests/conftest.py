@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 
-from basestation.broker import Broker, MosquittoMissing
+from basestation.broker import Broker
+from firmware_tools.broker_auth import MosquittoMissing
 from basestation.store import Store
 from edge.mqtt import BrokerSettings
 
@@ -162,7 +163,7 @@ class Federation:
     def __init__(self, root: Path, spawn: Callable[..., subprocess.Popen[bytes]],
                  broker_factory: Callable[..., Broker], *, devices: int = 4, protocol: str = "5",
                  experiment: str = "exp1", seed: int = 0, scheme: str = "iid", **basestation: Any):
-        from basestation.credentials import Credentials, DeviceCredentials
+        from firmware_tools.credentials import Credentials, DeviceCredentials
         from edge.data import load_dataset, partition, save_shard
 
         self.root, self._spawn, self.protocol, self.experiment = root, spawn, protocol, experiment

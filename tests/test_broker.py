@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from basestation.broker import (Broker, BrokerError, BrokerTls, MosquittoMissing, acl_text, find_program,
-                                mosquitto_config)
-from basestation.credentials import BrokerAccount
+from basestation.broker import Broker, BrokerError, BrokerTls, mosquitto_config
+from firmware_tools.broker_auth import MosquittoMissing, acl_text, find_program
+from firmware_tools.credentials import BrokerAccount
 from edge.mqtt import BrokerSettings, Message, MqttError, MqttLink, Topics, connect_blocking, parse_url
 
 EXP = "exp1"

@@ -25,12 +25,31 @@ def test_unknown_command_says_what_exists(capsys: pytest.CaptureFixture[str]) ->
     assert "unknown command 'trian'" in capsys.readouterr().err
 
 
+def registered_modules() -> list[tuple[str, str]]:
+    """(command, module) for every command and every action of a command group."""
+    found = []
+    for name, entry in COMMANDS.items():
+        actions = entry.items() if isinstance(entry, dict) else [("", entry)]
+        found += [(f"{name} {action}".strip(), module) for action, (module, _) in actions]
+    return found
+
+
 def test_every_registered_module_has_configure_and_run() -> None:
     import importlib
 
-    for name, (module_name, _) in COMMANDS.items():
+    for name, module_name in registered_modules():
         module = importlib.import_module(module_name)
         assert callable(module.configure) and callable(module.run), name
+
+
+def test_a_command_group_lists_its_actions_and_rejects_others(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["meter"]) == 2
+    out = capsys.readouterr().out
+    assert "read" in out and "emulate" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["meter", "emulat"])
+    assert exc.value.code == 2
+    assert "unknown command 'emulat'; choose one of: read, emulate" in capsys.readouterr().err
 
 
 def test_dispatch_imports_only_the_command_it_runs() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from basestation.config import BasestationConfig
-from basestation.credentials import Credentials, CredentialsError, DeviceCredentials
+from firmware_tools.credentials import Credentials, CredentialsError, DeviceCredentials
 from basestation.ingest import Ingest
 from basestation.rounds import RoundProgress, quorum_count, select_devices
 from basestation.store import Store

@@ -297,4 +297,4 @@ def test_cli_read_against_the_emulator(tmp_path, worker, capsys):
 def test_cli_errors_are_one_clear_line(argv, message, capsys):
     assert qfl(argv) == 2
     err = capsys.readouterr().err
-    assert message in err and err.startswith("qfl meter: error:")
+    assert message in err and err.startswith(f"qfl meter {argv[1]}: error:")

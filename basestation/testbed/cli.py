@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     """Run one testbed experiment, or the comparison pair with --compare."""
     from rich.console import Console
 
-    from basestation.broker import MosquittoMissing
+    from firmware_tools.broker_auth import MosquittoMissing
     from basestation.testbed.compare import run_comparison
     from basestation.testbed.run import TestbedError, run_testbed
     from basestation.testbed.settings import SettingsError

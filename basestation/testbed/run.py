@@ -24,7 +24,7 @@ from typing import Any
 from rich.console import Console
 
 from basestation.broker import Broker, BrokerError, free_port
-from basestation.credentials import Credentials
+from firmware_tools.credentials import Credentials
 from basestation.testbed.prepare import RunLayout, prepare_run
 from basestation.testbed.processes import Child, Supervisor, wait_for
 from basestation.testbed.progress import Progress

@@ -17,11 +17,11 @@ docs/export.md describes the file and how to run it.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge.cli import CommandError
 from models.export import DEFAULT_OPSET
 
 if TYPE_CHECKING:
@@ -60,7 +60,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge.cli import CommandError
     from models import get_architecture
     from models.export import ExportError, export_onnx
 
@@ -92,7 +91,6 @@ def locate_run(run_dir: Path, experiment: str | None) -> tuple[Path, str | None]
     The store is the file ``summary.json`` names under ``"store"``, else
     ``store.sqlite``, else the directory's only ``*.sqlite``/``*.db`` file.
     """
-    from edge.cli import CommandError
 
     if not run_dir.is_dir():
         raise CommandError(f"{run_dir} is not a directory; give the run directory 'qfl testbed' wrote, "
@@ -125,7 +123,6 @@ def load_global_model(store_path: Path, experiment: str | None = None, *, round_
         >>> m.round, m.bits, sorted(m.weights)[:2]
     """
     from basestation.store import Store, StoreError
-    from edge.cli import CommandError
 
     if not store_path.is_file():
         raise CommandError(f"no store at {store_path}")
@@ -162,7 +159,6 @@ def load_global_model(store_path: Path, experiment: str | None = None, *, round_
 def _experiment(store: Any, store_path: Path, experiment: str | None) -> Any:
     from basestation.report.data import ReportError
     from basestation.report.load import pick_experiment
-    from edge.cli import CommandError
 
     try:
         return pick_experiment(store, store_path, experiment, hint="choose one with --experiment")
@@ -171,7 +167,6 @@ def _experiment(store: Any, store_path: Path, experiment: str | None) -> Any:
 
 
 def _architecture_name(experiment: str, config: dict[str, Any]) -> str:
-    from edge.cli import CommandError
     from models import ARCHITECTURES
 
     name = config.get("model")
@@ -183,7 +178,6 @@ def _architecture_name(experiment: str, config: dict[str, Any]) -> str:
 
 def _on_grid(arch_name: str, weights: dict[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
     """``weights`` rounded to nearest onto the n-bit grid by the engine itself (identity at 32 bits)."""
-    from edge.cli import CommandError
     from edge.network import Network
     from models import get_architecture
 
@@ -199,7 +193,6 @@ def _on_grid(arch_name: str, weights: dict[str, np.ndarray], bits: int) -> dict[
 def _read_summary(path: Path) -> dict[str, Any]:
     from basestation.report.load import read_json_object
     from basestation.report.data import ReportError
-    from edge.cli import CommandError
 
     try:
         return read_json_object(path)
