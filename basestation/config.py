@@ -34,6 +34,10 @@ relative to the file)::
     policy = "fixed"         # or "model", "measured" (basestation.energy.policies)
     n = 8
     m = 8
+
+    [bounds]                 # what a device may claim (basestation.bounds, docs/security.md)
+    max_update_abs = 0       # |value| bound per update entry; 0: 4 at n < 32 bits, float_update_abs at 32
+    float_update_abs = 16
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from basestation.bounds import BoundSettings
 from edge.mqtt import BrokerSettings, check_name
 from edge.runtime.config import ConfigError, Table, broker_settings, read_toml
 
@@ -110,6 +115,7 @@ class BasestationConfig:
     round: RoundSettings = field(default_factory=RoundSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     precision: PrecisionSettings = field(default_factory=PrecisionSettings)
+    bounds: BoundSettings = field(default_factory=BoundSettings)
 
     @property
     def client_id(self) -> str:
@@ -184,6 +190,10 @@ class BasestationConfig:
         )
         options = {k: v for k, v in p.doc.items() if k not in p.used}
         precision = PrecisionSettings(precision.policy, precision.n, precision.m, precision.epsilon, options)
+        b = Table(t.table("bounds"), f"{where} [bounds]")
+        bounds = BoundSettings(max_update_abs=b.number("max_update_abs", 0.0, low=0.0),
+                               float_update_abs=b.number("float_update_abs", 16.0, low=1e-9))
+        b.finish()
         cfg = cls(
             experiment=experiment,
             store=t.path("store", base, f"{experiment}.sqlite"),  # type: ignore[arg-type]
@@ -200,6 +210,7 @@ class BasestationConfig:
             round=rounds,
             training=training,
             precision=precision,
+            bounds=bounds,
         )
         t.finish()
         return cfg

@@ -14,7 +14,10 @@ accepted updates the outcomes carry::
 
 Every refused message is counted in the store's ``rejections`` with its
 reason (the wire format's verdicts, plus ``wrong_topic``, ``not_selected``,
-``bad_shape``, ``duplicate_round``, ``unknown_round`` and ``bad_report``).
+``bad_shape``, ``out_of_bounds``, ``duplicate_round``, ``unknown_round`` and
+``bad_report``). ``out_of_bounds`` (basestation.bounds) is a validly signed
+update that claims what no device can: more samples than its declared shard,
+or values beyond the round's bound.
 Only messages whose signature verified get an ack, so nobody can make the
 basestation answer for a device it cannot authenticate.
 """
@@ -29,6 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from basestation.bounds import UpdateBounds
 from basestation.store import Store
 from basestation.strategies import AggregationError, check_shapes
 from edge.mqtt import Topics
@@ -65,6 +69,7 @@ class OpenRound:
     base_hash: bytes
     selected: frozenset[str]
     reference: Mapping[str, np.ndarray]
+    bounds: UpdateBounds = field(default_factory=lambda: UpdateBounds.for_round(32))
 
 
 def fast_dequantize(tensors: Any) -> dict[str, np.ndarray]:
@@ -123,12 +128,20 @@ class Ingest:
     def __post_init__(self) -> None:
         self.topics = Topics(self.experiment)
         self.nonces = StoredNonces(self.store, self.experiment)
-        self.registered = {d.device for d in self.store.devices(self.experiment)}
+        devices = self.store.devices(self.experiment)
+        self.registered = {d.device for d in devices}
+        self.shard_sizes = {d.device: d.dataset_size for d in devices if d.dataset_size is not None}
 
     def open_round(self, round_: int, base_hash: bytes, selected: tuple[str, ...] | list[str],
-                   reference: Mapping[str, np.ndarray]) -> None:
+                   reference: Mapping[str, np.ndarray], bounds: UpdateBounds | None = None) -> None:
         """Accept updates for ``round_`` relative to the model with ``base_hash`` from ``selected``."""
-        self.round = OpenRound(round_, bytes(base_hash), frozenset(selected), reference)
+        self.round = OpenRound(round_, bytes(base_hash), frozenset(selected), reference,
+                               bounds or UpdateBounds.for_round(32))
+
+    def screen(self, device: str, samples: int, delta: Mapping[str, np.ndarray]) -> str | None:
+        """Why an update of ``device`` is out of the open round's bounds, or None (also used on restore)."""
+        bounds = self.round.bounds if self.round is not None else UpdateBounds.for_round(32)
+        return bounds.check(delta, samples, self.shard_sizes.get(device))
 
     def close_round(self) -> None:
         """Stop accepting updates (until the next :meth:`open_round`)."""
@@ -204,6 +217,10 @@ class Ingest:
         except AggregationError as exc:
             return self._reject("update", "bad_shape", msg.device, msg.round, str(exc), now,
                                 self._ack(msg.device, "update", msg.round, nonce, "rejected", "bad_shape"))
+        problem = self.screen(msg.device, int(msg.samples), delta)
+        if problem is not None:
+            return self._reject("update", "out_of_bounds", msg.device, msg.round, problem, now,
+                                self._ack(msg.device, "update", msg.round, nonce, "rejected", "out_of_bounds"))
         stored = self.store.add_update(self.experiment, device=msg.device, round_=msg.round, nonce=nonce,
                                        digest=bytes(payload[-32:]).hex(), samples=int(msg.samples),
                                        size=len(payload), m=max(t.bits for t in msg.tensors),
@@ -259,6 +276,10 @@ class Ingest:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             return self._reject("hello", "bad_report", device, None, f"dataset_size must be a count, got {size!r}",
                                 now)
+        declared = self.shard_sizes.setdefault(device, size)
+        if declared != size:
+            log.warning("device %s now declares %d samples; its first declaration (%d) stays the bound", device,
+                        size, declared)
         self.store.register_device(self.experiment, device, body, now=now)
         self.store.set_device_state(self.experiment, device, "online", now=now)
         first = device not in self.registered

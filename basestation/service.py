@@ -39,9 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from basestation.bounds import UpdateBounds
 from basestation.config import BasestationConfig
 from firmware_tools.credentials import Credentials
 from basestation.ingest import Ingest, Outcome
+from basestation.screening import Entry, aggregate_screened, try_result
 from basestation.rounds import (RoundProgress, apply_update, evaluate_model, initial_model, quantize_model,
                                 quorum_count, select_devices)
 from basestation.store import Store, StoreError
@@ -172,12 +174,19 @@ class Basestation:
         progress = RoundProgress(current.round, current.selected, current.deadline, current.quorum,
                                  current.extensions)
         accumulator = self.strategy.accumulator()
+        self.ingest.open_round(current.round, bytes.fromhex(self.global_hash), current.selected, self.global_weights,
+                               bounds=self._bounds(plan))
         for update, payload in self.store.update_payloads(exp, current.round):
-            accumulator.add(dequantize(decode_message(payload).tensors), update.samples)
+            delta = dequantize(decode_message(payload).tensors)
+            problem = self.ingest.screen(update.device, update.samples, delta)
+            if problem is not None:  # stored by a basestation that did not check this bound
+                self._drop(current.round, Entry(update.nonce, update.device, delta, update.samples),
+                           f"dropped on restart: {problem}")
+                continue
+            accumulator.add(delta, update.samples)
             progress.answered.add(update.device)
         self.current = CurrentRound(plan, progress, accumulator, self._encode_model(current.round))
         self.plan = plan
-        self.ingest.open_round(current.round, bytes.fromhex(self.global_hash), current.selected, self.global_weights)
         log.info("round %d is open with %d of %d updates already stored", current.round,
                  len(progress.answered), len(current.selected))
 
@@ -372,7 +381,8 @@ class Basestation:
         self.plan = plan
         self.current = CurrentRound(plan, RoundProgress(number, tuple(selected), plan.deadline, quorum),
                                     self.strategy.accumulator(), self._encode_model(number))
-        self.ingest.open_round(number, bytes.fromhex(self.global_hash), selected, self.global_weights)
+        self.ingest.open_round(number, bytes.fromhex(self.global_hash), selected, self.global_weights,
+                               bounds=self._bounds(plan))
         self._republish()
         if number > 1:  # the previous round's model is no longer needed by anyone
             self.link.publish(self.topics.model(number - 1), b"", qos=1, retain=True)
@@ -384,14 +394,55 @@ class Basestation:
         return encode_model(tensors, experiment=self.config.experiment, round=round_,
                             key=self.credentials.model_key)
 
+    def _bounds(self, plan: RoundPlan) -> UpdateBounds:
+        return UpdateBounds.for_round(plan.n, self.config.bounds)
+
+    def _drop(self, round_: int, entry: Entry, reason: str) -> None:
+        """Take an accepted update out of the open round, with its reason among the rejections."""
+        exp = self.config.experiment
+        with self.store.transaction():
+            self.store.drop_update(exp, entry.nonce)
+            self.store.add_rejection(exp, "update", "out_of_bounds", device=entry.device, round_=round_,
+                                     detail=reason[:500])
+        log.warning("update of %s dropped from round %s: %s", entry.device, round_, reason)
+
+    def _screened_result(self, current: CurrentRound) -> tuple[Any, ...] | None:
+        """(delta, new weights, loss, accuracy) that can be committed, dropping updates that prevent it."""
+        cfg, plan = self.config, current.plan
+        base = quantize_model(cfg.model, self.global_weights, plan.n, plan.mode)
+
+        def evaluate(delta: Any) -> tuple[dict[str, np.ndarray], float, float]:
+            weights = apply_update(base, delta)
+            loss, accuracy = evaluate_model(cfg.model, weights, plan.n, plan.mode, self.x_test, self.y_test)
+            return weights, loss, accuracy
+
+        bounds = self._bounds(plan)
+        result, problem = try_result(current.accumulator.result, evaluate, bounds)
+        if result is not None:
+            return result
+        entries = [Entry(u.nonce, u.device, dequantize(decode_message(p).tensors), u.samples)
+                   for u, p in self.store.update_payloads(cfg.experiment, plan.round)]
+        screened = aggregate_screened(self.strategy, entries, evaluate, bounds, first_problem=problem)
+        for entry, reason in screened.dropped:
+            self._drop(plan.round, entry, reason)
+            current.progress.answered.discard(entry.device)
+        if screened.delta is None:
+            return None
+        current.accumulator = self.strategy.accumulator()
+        for entry in screened.kept:
+            current.accumulator.add(entry.delta, entry.samples)
+        return screened.delta, screened.weights, screened.loss, screened.accuracy
+
     def _aggregate(self, current: CurrentRound) -> None:
         cfg, exp = self.config, self.config.experiment
         plan, progress = current.plan, current.progress
-        delta = current.accumulator.result()
-        base = quantize_model(cfg.model, self.global_weights, plan.n, plan.mode)
-        new_weights = apply_update(base, delta)
+        result = self._screened_result(current)
+        if result is None:
+            log.warning("round %d: no acceptable update remains", plan.round)
+            self._abandon(current)
+            return
+        delta, new_weights, loss, accuracy = result
         new_hash = model_hash(new_weights).hex()
-        loss, accuracy = evaluate_model(cfg.model, new_weights, plan.n, plan.mode, self.x_test, self.y_test)
         with self.store.transaction():
             self.store.close_round(exp, plan.round, "aggregated", result_hash=new_hash,
                                    drop_payloads=not cfg.keep_payloads)

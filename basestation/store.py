@@ -183,7 +183,7 @@ CREATE TABLE evaluations (
 """
 
 ROUND_STATES = ("open", "aggregated", "abandoned")
-UPDATE_STATES = ("accepted", "aggregated", "unused")
+UPDATE_STATES = ("accepted", "aggregated", "unused", "dropped")
 _PHASE_FIELDS = ("joules", "joules_above_idle", "seconds", "samples", "gap_seconds", "partial", "uncertainty_j")
 
 
@@ -549,13 +549,17 @@ class Store:
 
     # ---- devices ----
     def register_device(self, experiment: str, device: str, hello: Mapping[str, Any], *, now: float | None = None) -> None:
-        """Insert or refresh a device from its hello message."""
+        """Insert or refresh a device from its hello message.
+
+        The first declared ``dataset_size`` stays: it bounds the samples the
+        device may claim (basestation.bounds), so a later hello cannot raise it.
+        """
         now = time.time() if now is None else now
         size = hello.get("dataset_size")
         self._db.execute(
             "INSERT INTO devices (experiment, device, dataset_size, board, meter_id, software, hello, state, first_seen,"
             " last_seen) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (experiment, device) DO UPDATE SET"
-            " dataset_size=excluded.dataset_size, board=excluded.board, meter_id=excluded.meter_id,"
+            " dataset_size=COALESCE(devices.dataset_size, excluded.dataset_size), board=excluded.board, meter_id=excluded.meter_id,"
             " software=excluded.software, hello=excluded.hello, last_seen=excluded.last_seen",
             (experiment, device, int(size) if size is not None else None, _opt_str(hello.get("board")),
              _opt_str(hello.get("meter_id")), _opt_str(hello.get("software")), _json(dict(hello)), "unknown", now, now))
@@ -700,6 +704,20 @@ class Store:
                          (experiment, round_))
         return True
 
+    def drop_update(self, experiment: str, nonce: str) -> bool:
+        """Take an accepted update out of its open round (status ``dropped``); False if it was not accepted.
+
+        Its row (and nonce) stays, so a copy of it is still recognised as a replay.
+        """
+        row = self._one("SELECT round FROM updates WHERE experiment=? AND nonce=? AND status='accepted'",
+                        (experiment, nonce))
+        if row is None:
+            return False
+        self._db.execute("UPDATE updates SET status='dropped' WHERE experiment=? AND nonce=?", (experiment, nonce))
+        self._db.execute("UPDATE rounds SET accepted=accepted-1 WHERE experiment=? AND round=?",
+                         (experiment, row[0]))
+        return True
+
     def find_update(self, experiment: str, *, nonce: str | None = None, device: str | None = None,
                     round_: int | None = None) -> UpdateRecord | None:
         """The stored update with this nonce, or with this (device, round)."""
@@ -728,7 +746,7 @@ class Store:
         """Updates of a round whose payloads are stored (all of an open round), in arrival order."""
         rows = self._db.execute("SELECT device, round, nonce, digest, samples, bytes, m, received_at, status,"
                                 " payload_offset, payload_size FROM updates WHERE experiment=? AND round=? AND"
-                                " payload_size IS NOT NULL ORDER BY received_at, rowid", (experiment, round_))
+                                " payload_size IS NOT NULL AND status!='dropped' ORDER BY received_at, rowid", (experiment, round_))
         return [(UpdateRecord(*row[:9], True), self._read_payload(experiment, round_, row[9], row[10]))
                 for row in rows.fetchall()]
 
