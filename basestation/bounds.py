@@ -23,6 +23,7 @@ Where the defaults come from (docs/security.md, "Bounds"):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -39,6 +40,7 @@ class BoundSettings:
 
     max_update_abs: float = 0.0
     float_update_abs: float = 16.0
+    clock_skew_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -101,3 +103,86 @@ def check_result(delta: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarr
     if not (math.isfinite(loss) and math.isfinite(accuracy)):
         return f"evaluation of the new model is not finite (loss {loss!r}, accuracy {accuracy!r})"
     return None
+
+
+# Rated current of each board's recommended supply (A): Raspberry Pi documentation, "Power supply"
+# (Zero 2 W 2.5 A, Pi 4 3.0 A, Pi 5 5.0 A; docs/boards.md). A board cannot draw more than its supply
+# delivers for longer than a transient, so supply_v x this is the most a phase can average.
+SUPPLY_AMPS = {"pi-zero-2w": 2.5, "pi4": 3.0, "pi5": 5.0}
+PHASE_SLACK_S = 1.0  # a phase's window is sampled at the meter's rate: allow one second of edges
+
+
+@dataclass(frozen=True)
+class EnergyLimits:
+    """The most power a board can draw, and how far its clock may be off the basestation's."""
+
+    board: str
+    max_watts: float
+    clock_skew_s: float = 30.0
+
+    @classmethod
+    def for_board(cls, board: str | None, clock_skew_s: float = 30.0) -> "EnergyLimits":
+        """Limits of a board profile by name; an unknown board gets the largest of the known ones."""
+        watts = board_watts()
+        if board in watts:
+            return cls(str(board), watts[board], clock_skew_s)  # type: ignore[index]
+        return cls(str(board), max(watts.values(), default=5.1 * max(SUPPLY_AMPS.values())), clock_skew_s)
+
+
+@functools.lru_cache(maxsize=1)
+def board_watts() -> dict[str, float]:
+    """Most watts each shipped board profile can draw: its supply's rating, else twice its full load."""
+    from firmware_tools.emulator.boards import BoardError, load_boards
+
+    try:
+        profiles = load_boards()
+    except BoardError:
+        return {}
+    return {name: p.supply_v * SUPPLY_AMPS[name] if name in SUPPLY_AMPS else 2.0 * (p.idle_w + p.core_w * p.cores)
+            for name, p in profiles.items()}
+
+
+def check_energy_report(body: Mapping[str, object], limits: EnergyLimits, opened_at: float,
+                        now: float) -> str | None:
+    """None if an energy report's timestamps lie inside its round and every phase's energy is possible."""
+    skew = limits.clock_skew_s
+    started, sent = body.get("started_at"), body.get("sent_at")
+    for name, value in (("started_at", started), ("sent_at", sent)):
+        if value is None:
+            continue
+        if not _number(value):
+            return f"{name} must be a number, got {value!r}"
+        if not opened_at - skew <= float(value) <= now + skew:  # type: ignore[arg-type]
+            return (f"{name} {float(value):.3f} lies outside the round ({opened_at:.3f} .. {now:.3f}, "  # type: ignore[arg-type]
+                    f"+-{skew:g} s of clock skew)")
+    if _number(started) and _number(sent) and float(sent) < float(started):  # type: ignore[arg-type]
+        return f"sent_at {sent} is before started_at {started}"
+    span = now - opened_at + skew
+    meter = body.get("meter")
+    phases = meter.get("phases") if isinstance(meter, Mapping) else None
+    if not isinstance(phases, Mapping):
+        return None
+    for phase, figures in phases.items():
+        if not isinstance(figures, Mapping):
+            return f"phase {phase!r} is not a table of figures"
+        seconds = figures.get("seconds")
+        if seconds is not None and (not _number(seconds) or not 0 <= float(seconds) <= span):  # type: ignore[arg-type]
+            return f"phase {phase!r} lasts {seconds!r} s, the round has lasted {span:.1f} s"
+        window = (float(seconds) if _number(seconds) else span) + PHASE_SLACK_S  # type: ignore[arg-type]
+        most = limits.max_watts * window
+        for field_name in ("joules", "joules_above_idle", "uncertainty_j"):
+            value = figures.get(field_name)
+            if value is None:
+                continue
+            if not _number(value):
+                return f"phase {phase!r} {field_name} must be a number, got {value!r}"
+            low = -most if field_name == "joules_above_idle" else 0.0
+            if not low <= float(value) <= most:  # type: ignore[arg-type]
+                return (f"phase {phase!r} {field_name} {float(value):.6g} J is impossible for board "  # type: ignore[arg-type]
+                        f"{limits.board!r} ({limits.max_watts:g} W at most over {window:.1f} s: "
+                        f"{low:.6g} .. {most:.6g} J)")
+    return None
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))

@@ -38,6 +38,7 @@ relative to the file)::
     [bounds]                 # what a device may claim (basestation.bounds, docs/security.md)
     max_update_abs = 0       # |value| bound per update entry; 0: 4 at n < 32 bits, float_update_abs at 32
     float_update_abs = 16
+    clock_skew_seconds = 30  # device clocks may be this far off: energy-report timestamps must lie in the round
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ class BasestationConfig:
         precision = PrecisionSettings(precision.policy, precision.n, precision.m, precision.epsilon, options)
         b = Table(t.table("bounds"), f"{where} [bounds]")
         bounds = BoundSettings(max_update_abs=b.number("max_update_abs", 0.0, low=0.0),
-                               float_update_abs=b.number("float_update_abs", 16.0, low=1e-9))
+                               float_update_abs=b.number("float_update_abs", 16.0, low=1e-9),
+                               clock_skew_seconds=b.number("clock_skew_seconds", 30.0, low=0.0))
         b.finish()
         cfg = cls(
             experiment=experiment,

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from basestation.bounds import UpdateBounds
+from basestation.bounds import BoundSettings, EnergyLimits, UpdateBounds, check_energy_report
 from basestation.store import Store
 from basestation.strategies import AggregationError, check_shapes
 from edge.mqtt import Topics
@@ -124,6 +124,7 @@ class Ingest:
     keys: Mapping[str, bytes]
     round: OpenRound | None = None
     online: dict[str, str] = field(default_factory=dict)
+    bounds: BoundSettings = field(default_factory=BoundSettings)
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.experiment)
@@ -131,6 +132,7 @@ class Ingest:
         devices = self.store.devices(self.experiment)
         self.registered = {d.device for d in devices}
         self.shard_sizes = {d.device: d.dataset_size for d in devices if d.dataset_size is not None}
+        self.boards = {d.device: d.board for d in devices}
 
     def open_round(self, round_: int, base_hash: bytes, selected: tuple[str, ...] | list[str],
                    reference: Mapping[str, np.ndarray], bounds: UpdateBounds | None = None) -> None:
@@ -249,9 +251,18 @@ class Ingest:
             return self._reject("energy", "wrong_experiment", device, round_,
                                 f"report for experiment {body.get('experiment')!r}", now,
                                 self._ack(device, "energy", round_, nonce, "rejected", "wrong_experiment"))
-        if self.store.round(self.experiment, round_) is None:
+        record = self.store.round(self.experiment, round_)
+        if record is None:
             return self._reject("energy", "unknown_round", device, round_, f"no round {round_} in the store", now,
                                 self._ack(device, "energy", round_, nonce, "rejected", "unknown_round"))
+        meter = body.get("meter")
+        board = meter.get("board") if isinstance(meter, dict) else None
+        limits = EnergyLimits.for_board(board if isinstance(board, str) else self.boards.get(device),
+                                        self.bounds.clock_skew_seconds)
+        problem = check_energy_report(body, limits, record.opened_at, now)
+        if problem is not None:
+            return self._reject("energy", "out_of_bounds", device, round_, problem, now,
+                                self._ack(device, "energy", round_, nonce, "rejected", "out_of_bounds"))
         if not self.store.add_energy_report(self.experiment, device, round_, nonce, body, now=now):
             existing = self.store.energy_report(self.experiment, device, round_) or {}
             status = "duplicate" if existing.get("nonce") == nonce else "rejected"
@@ -284,6 +295,7 @@ class Ingest:
         self.store.set_device_state(self.experiment, device, "online", now=now)
         first = device not in self.registered
         self.registered.add(device)
+        self.boards[device] = _opt(body.get("board"))
         self.online[device] = "online"
         if first:
             log.info("device %s registered (%d samples, board %s)", device, size, body.get("board"))
@@ -301,3 +313,7 @@ class Ingest:
         self.online[device] = state
         self.store.set_device_state(self.experiment, device, state, now=now)
         return Outcome("status", device)
+
+
+def _opt(value: Any) -> str | None:
+    return None if value is None else str(value)

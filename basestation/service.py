@@ -89,7 +89,7 @@ class Basestation:
                                                  self.credentials.basestation_password)
         self.strategy = get_strategy(config.training.strategy)
         self.store = Store(config.store, synchronous=config.synchronous)
-        self.ingest = Ingest(self.store, config.experiment, self.credentials.keys())
+        self.ingest = Ingest(self.store, config.experiment, self.credentials.keys(), bounds=config.bounds)
         self.link = MqttLink(settings, config.client_id, manual_ack=True,
                              subscriptions=[(self.topics.devices(kind), 1)
                                             for kind in ("hello", "status", "update", "energy")])

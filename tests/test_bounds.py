@@ -85,3 +85,46 @@ def test_the_first_declared_shard_size_stays(tmp_path) -> None:
         store.register_device("e", "a", {"dataset_size": 50})
         store.register_device("e", "a", {"dataset_size": 10**9})
         assert store.devices("e")[0].dataset_size == 50
+
+
+def report(**phase) -> dict:
+    figures = {"joules": 10.0, "joules_above_idle": 4.0, "seconds": 3.0, **phase}
+    return {"started_at": 1000.0, "sent_at": 1004.0, "meter": {"board": "pi4", "phases": {"train": figures}}}
+
+
+def test_energy_reports_hold_to_the_board_supply_and_the_round() -> None:
+    from basestation.bounds import EnergyLimits, check_energy_report
+
+    pi4 = EnergyLimits.for_board("pi4")
+    assert pi4.max_watts == pytest.approx(15.3)  # 5.1 V x 3.0 A
+    assert EnergyLimits.for_board("nonesuch").max_watts == pytest.approx(25.5)  # the largest known: the Pi 5's
+    assert check_energy_report(report(), pi4, opened_at=999.0, now=1005.0) is None
+    assert "impossible" in check_energy_report(report(joules=1e300), pi4, 999.0, 1005.0)
+    assert "impossible" in check_energy_report(report(joules_above_idle=-1e9), pi4, 999.0, 1005.0)
+    assert "impossible" in check_energy_report(report(joules=70.0, seconds=3.0), pi4, 999.0, 1005.0)
+    assert "lasts" in check_energy_report(report(seconds=1e6), pi4, 999.0, 1005.0)
+    early = dict(report(), started_at=100.0)
+    assert "outside the round" in check_energy_report(early, pi4, 999.0, 1005.0)
+    assert "before started_at" in check_energy_report(dict(report(), sent_at=999.5), pi4, 999.0, 1005.0)
+    assert check_energy_report({"meter": None}, pi4, 999.0, 1005.0) is None
+
+
+def test_one_wild_device_does_not_move_the_loss_curve() -> None:
+    from basestation.energy.convergence import loss_curve
+    from basestation.energy.records import RoundStats
+
+    def stats(wild: float | None) -> list[RoundStats]:
+        rng = np.random.default_rng(3)
+        out = []
+        for r in range(1, 6):
+            for d in range(4):
+                loss = 2.0 / r + rng.normal(0, 0.01)
+                if wild is not None and (r, d) == (3, 2):
+                    loss = wild
+                out.append(RoundStats(device=f"d{d}", round=r, loss=loss, grad_sq_norm=1.0 + 0.1 * d,
+                                      grad_variance=0.5, samples=50, local_iters=10, n=8, lr=0.1))
+        return out
+
+    clean, dirty = loss_curve(stats(None)), loss_curve(stats(1e300))
+    assert np.all(np.isfinite(dirty.loss))
+    np.testing.assert_allclose(dirty.loss, clean.loss, rtol=0.02)

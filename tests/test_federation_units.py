@@ -274,6 +274,27 @@ def test_ingest_presence_and_energy(ingest: Ingest) -> None:
     assert ingest.handle(T.device("a", "energy"), sign_json(report, bytes(32))).reason == "forged"
 
 
+def test_ingest_refuses_impossible_claims(ingest: Ingest) -> None:
+    hello = sign_json({"kind": "hello", "device": "a", "experiment": "exp1", "dataset_size": 10, "board": "pi4"}, KEY)
+    assert ingest.handle(T.device("a", "hello"), hello).accepted
+    big = ingest.handle(T.device("a", "update"), update(ingest, samples=2**32 - 1))
+    assert big.reason == "out_of_bounds" and Ack.from_json(big.ack[1]).reason == "out_of_bounds"
+    # a later hello cannot raise the declared shard size
+    again = sign_json({"kind": "hello", "device": "a", "experiment": "exp1", "dataset_size": 2**32 - 1}, KEY)
+    ingest.handle(T.device("a", "hello"), again)
+    assert ingest.handle(T.device("a", "update"), update(ingest, samples=11)).reason == "out_of_bounds"
+    assert ingest.handle(T.device("a", "update"), update(ingest, samples=10)).accepted
+    now = ingest.store.round("exp1", 1).opened_at + 5.0
+    for joules in (1e300, -1e9):
+        phases = {"train": {"joules": abs(joules), "joules_above_idle": joules, "seconds": 2.0}}
+        report = {"kind": "energy", "device": "a", "experiment": "exp1", "round": 1, "nonce": f"n{joules}",
+                  "meter": {"board": "pi4", "phases": phases}, "sent_at": now}
+        out = ingest.handle(T.device("a", "energy"), sign_json(report, KEY), now)
+        assert out.reason == "out_of_bounds" and "impossible for board 'pi4'" in \
+            ingest.store.rejections("exp1")[-1].detail
+    assert ingest.store.energy_reports("exp1") == []
+
+
 # ---- provisioning ----
 
 def test_provision_bundles_and_broker_logins(tmp_path: Path, broker_factory) -> None:

@@ -118,13 +118,36 @@ def loss_curve(stats: Sequence[RoundStats]) -> LossCurve:
         w = np.array([s.samples for s in group], dtype=float)
         w /= w.sum()
         for name in ("loss", "grad_sq_norm", "grad_variance"):
-            cols[name].append(float(np.dot(w, [getattr(s, name) for s in group])))
+            cols[name].append(robust_weighted_mean([getattr(s, name) for s in group], w))
         cols["local_iters"].append(float(np.dot(w, [s.local_iters for s in group])))
         lrs = [s.lr for s in group if s.lr is not None]
         cols["lr"].append(float(np.mean(lrs)) if lrs else math.nan)
     return LossCurve(rounds=np.array(rounds, dtype=int), **{k: np.array(cols[k], dtype=float) for k in
                                                              ("loss", "grad_sq_norm", "grad_variance",
                                                               "local_iters", "lr")})
+
+
+OUTLIER_MADS = 5.0
+
+
+def robust_weighted_mean(values: Sequence[float], weights: np.ndarray) -> float:
+    """Weighted mean of the values within 5 scaled MADs of the median (all of them below 3 values).
+
+    One device reporting a wild loss or gradient norm cannot move the round's
+    figure: with three or more reports it is left out, and the median itself is
+    unmoved by a single value.
+
+        >>> robust_weighted_mean([1.0, 1.1, 0.9, 1e300], np.full(4, 0.25))
+        1.0
+    """
+    x = np.asarray(values, dtype=float)
+    keep = np.ones(x.size, bool)
+    if x.size >= 3:
+        med = float(np.median(x))
+        spread = 1.4826 * float(np.median(np.abs(x - med))) or 1e-9 * max(abs(med), 1e-12)
+        keep = np.abs(x - med) <= OUTLIER_MADS * spread
+    w = weights[keep]
+    return float(np.dot(w / w.sum(), x[keep]))
 
 
 def fit_loss_curve(curve: LossCurve, gamma: float = 1.0, tail: float = 0.5) -> tuple[float, float]:
