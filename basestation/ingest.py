@@ -15,7 +15,7 @@ accepted updates the outcomes carry::
 Every refused message is counted in the store's ``rejections`` with its
 reason (the wire format's verdicts, plus ``wrong_topic``, ``not_selected``,
 ``bad_shape``, ``out_of_bounds``, ``duplicate_round``, ``unknown_round`` and
-``bad_report``). ``out_of_bounds`` (basestation.bounds) is a validly signed
+``bad_report``, ``retained``). ``out_of_bounds`` (basestation.bounds) is a validly signed
 update that claims what no device can: more samples than its declared shard,
 or values beyond the round's bound.
 Only messages whose signature verified get an ack, so nobody can make the
@@ -54,6 +54,7 @@ class Outcome:
     delta: dict[str, np.ndarray] | None = None
     samples: int = 0
     report: dict[str, Any] | None = None
+    clear: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -154,13 +155,27 @@ class Ingest:
         return sorted(d for d in self.registered if d in self.keys and self.online.get(d) == "online")
 
     # ---- dispatch ----
-    def handle(self, topic: str, payload: bytes, now: float | None = None) -> Outcome:
-        """Process one message; never raises for bad data."""
+    def handle(self, topic: str, payload: bytes, now: float | None = None, retained: bool = False) -> Outcome:
+        """Process one message; never raises for bad data.
+
+        ``retained``: the broker delivered it from its retained store. Devices
+        retain only hello and status; a retained update or energy report is
+        refused (``retained``, no ack) and ``Outcome.clear`` names the topic
+        whose retained message the service should delete.
+        """
         now = time.time() if now is None else now
         try:
             kind, device, _ = self.topics.parse(topic)
         except ValueError:
             return self._reject("other", "wrong_topic", None, None, f"unexpected topic {topic!r}", now)
+        if kind in ("update", "energy"):
+            if not payload:  # how a retained message is deleted (our own clearing, echoed back): nothing to do
+                return Outcome(kind, device, reason="ignored")
+            if retained:
+                outcome = self._reject(kind, "retained", device, None,
+                                       f"retained {kind} on {topic!r}: devices may retain only hello and status", now)
+                outcome.clear = topic
+                return outcome
         if kind == "update":
             return self._update(device, payload, now)  # type: ignore[arg-type]
         if kind == "energy":
@@ -185,9 +200,9 @@ class Ingest:
     # ---- updates ----
     def _update(self, topic_device: str, payload: bytes, now: float) -> Outcome:
         cur = self.round
-        verdict = verify_update(payload, experiment=self.experiment, round=cur.round if cur else -1,
+        verdict = verify_update(payload, experiment=self.experiment, round=cur.round if cur else None,
                                 base_hash=cur.base_hash if cur else bytes(32), key=self.keys.get,
-                                seen_nonces=self.nonces)
+                                seen_nonces=self.nonces, sender=topic_device)
         head = verdict.header
         device = head.device if head is not None else topic_device
         round_ = head.round if head is not None else None
@@ -204,9 +219,6 @@ class Ingest:
             return self._reject("update", verdict.reason, device, round_, detail, now, ack)
         msg = verdict.message
         nonce = msg.nonce.hex()
-        if msg.device != topic_device:
-            return self._reject("update", "wrong_topic", msg.device, msg.round,
-                                f"signed by {msg.device!r} but published on the topic of {topic_device!r}", now)
         if msg.device not in cur.selected:  # type: ignore[union-attr]
             return self._reject("update", "not_selected", msg.device, msg.round, "device not selected this round",
                                 now, self._ack(msg.device, "update", msg.round, nonce, "rejected", "not_selected"))

@@ -244,6 +244,8 @@ class Basestation:
             for outcome in outcomes:
                 if outcome.ack is not None:
                     self.link.publish(outcome.ack[0], outcome.ack[1], qos=1)
+                if outcome.clear is not None:  # delete a device's retained update/report from the broker
+                    self.link.publish(outcome.clear, b"", qos=1, retain=True)
                 if outcome.delta is not None and self.current is not None:
                     self.current.accumulator.add(outcome.delta, outcome.samples)
                     self.current.progress.answered.add(outcome.device)  # type: ignore[arg-type]
@@ -266,7 +268,7 @@ class Basestation:
         """One message inside the batch's transaction; a bug it triggers costs that message only."""
         try:
             with self.store.savepoint():
-                return self.ingest.handle(message.topic, message.payload, now)
+                return self.ingest.handle(message.topic, message.payload, now, retained=message.retain)
         except (sqlite3.Error, OSError):
             raise  # the store itself failing is not the message's fault: stop before acknowledging anything
         except Exception as exc:

@@ -274,6 +274,31 @@ def test_ingest_presence_and_energy(ingest: Ingest) -> None:
     assert ingest.handle(T.device("a", "energy"), sign_json(report, bytes(32))).reason == "forged"
 
 
+def test_topic_is_checked_before_the_round_and_between_rounds_says_so(ingest: Ingest) -> None:
+    # signed by a, published on b's topic, for a round that is not open: the topic is what is wrong
+    outcome = ingest.handle(T.device("b", "update"), update(ingest, round=5))
+    assert outcome.reason == "wrong_topic"
+    data = update(ingest)
+    ingest.close_round()
+    between = ingest.handle(T.device("a", "update"), data)
+    assert between.reason == "stale_round"
+    assert "no round is open" in ingest.store.rejections("exp1")[-1].detail
+    assert "-1" not in ingest.store.rejections("exp1")[-1].detail
+
+
+def test_retained_updates_and_reports_are_refused_and_cleared(ingest: Ingest) -> None:
+    topic = T.device("a", "update")
+    outcome = ingest.handle(topic, update(ingest), retained=True)
+    assert (outcome.reason, outcome.ack, outcome.clear) == ("retained", None, topic)
+    report = sign_json({"kind": "energy", "device": "a", "experiment": "exp1", "round": 1, "nonce": "r1",
+                        "meter": None}, KEY)
+    assert ingest.handle(T.device("a", "energy"), report, retained=True).reason == "retained"
+    assert ingest.handle(topic, b"").reason == "ignored"  # our own clearing, echoed back
+    hello = sign_json({"kind": "hello", "device": "a", "experiment": "exp1", "dataset_size": 10}, KEY)
+    assert ingest.handle(T.device("a", "hello"), hello, retained=True).accepted  # hello is retained by design
+    assert ingest.store.updates("exp1") == [] and ingest.store.rejection_counts("exp1") == {"retained": 2}
+
+
 def test_ingest_refuses_impossible_claims(ingest: Ingest) -> None:
     hello = sign_json({"kind": "hello", "device": "a", "experiment": "exp1", "dataset_size": 10, "board": "pi4"}, KEY)
     assert ingest.handle(T.device("a", "hello"), hello).accepted

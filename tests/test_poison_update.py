@@ -120,3 +120,52 @@ def test_restart_with_a_poisoned_update_already_stored_does_not_crash(federation
     finally:
         player.link.stop()
         honest.stop()
+
+
+@pytest.mark.slow
+def test_restart_with_a_retained_poison_on_the_broker(federation) -> None:
+    """A device retains the attack on its update topic while the basestation is down; the restarted one
+    refuses it (reason ``retained``), deletes it from the broker, and finishes the run."""
+    from edge.mqtt import BrokerSettings, MqttLink, connect_blocking
+
+    fed = federation(devices=2)
+    victim = fed.devices[1]
+    honest = LightDevice(settings(fed, victim), fed.experiment, victim, fed.credentials.devices[victim].hmac_key,
+                         fed.credentials.model_key, delta=delta(7), samples=80).start()
+    player = Player(fed)
+    options = {"rounds": 1, "round.quorum": 1.0, "round.deadline_seconds": 30.0, "round.report_wait_seconds": 0.5}
+    try:
+        greet(player)
+        bs = fed.start_basestation(**options)
+        plan = player.wait_round(1)
+        bs.send_signal(signal.SIGTERM)
+        assert bs.wait(20) == 0
+        topic = player.topics.device(player.device, "update")
+        player.link.publish(topic, poison(player, plan.round, player.bases[plan.round]), retain=True
+                            ).wait_for_publish(5)
+        restarted = fed.start_basestation(**options)
+        fed.wait_until(lambda: "retained" in fed.read(lambda s: s.rejection_counts(fed.experiment), {}), 30,
+                       "the retained poison to be refused", (restarted,))
+        player.publish(player.device, player.update(seed=9))
+        assert restarted.wait(60) == 0, restarted.log_path.read_text()[-3000:]
+        assert "Traceback" not in restarted.log_path.read_text()
+        with fed.store() as store:
+            # The copy queued in the basestation's persistent session arrives as a live message and meets the
+            # bounds; the copy the broker retained meets the retained check.
+            assert store.rejection_counts(fed.experiment) == {"retained": 1, "out_of_bounds": 1}
+            (round1,) = store.rounds(fed.experiment)
+            assert (round1.status, round1.accepted) == ("aggregated", 2) and math.isfinite(round1.loss)
+        # The broker no longer holds it: a new subscriber is handed nothing retained on that topic.
+        watcher = MqttLink(BrokerSettings(fed.broker.url, username=fed.credentials.basestation_username,
+                                          password=fed.credentials.basestation_password), "watcher",
+                           subscriptions=[(topic, 1)])
+        connect_blocking(watcher, 5)
+        try:
+            seen = [watcher.next_event(0.5) for _ in range(4)]
+            assert not [e for e in seen if getattr(e, "payload", b"")]
+        finally:
+            watcher.stop()
+        assert integrity(fed.store_path) == "ok"
+    finally:
+        player.link.stop()
+        honest.stop()

@@ -14,11 +14,15 @@ Checks run in this order, and the first failure is the reason:
 3. ``forged``: the HMAC-SHA256 does not verify with that device's key.
 4. ``malformed``: the tensor table or payloads are invalid (checked after
    the signature, so an unsigned sender cannot make the decoder work).
-5. ``replayed``: the nonce was seen before. Before the round checks, so a
+5. ``wrong_topic`` (only with ``sender``): signed by another device than the
+   one whose topic it arrived on. Before the replay and round checks, so a
+   device speaking on another's topic is named as such whatever its round.
+6. ``replayed``: the nonce was seen before. Before the round checks, so a
    redelivered copy of a stored update is recognised as a duplicate (and
    can be acknowledged again) even after its round closed.
-6. ``wrong_experiment``, 7. ``stale_round`` (an earlier or a later round;
-   ``detail`` says which), 8. ``wrong_base`` (relative to another model).
+7. ``wrong_experiment``, 8. ``stale_round`` (an earlier or a later round, or
+   ``round=None``: no round is open; ``detail`` says which), 9.
+   ``wrong_base`` (relative to another model).
 
 >>> import numpy as np
 >>> from edge.wire import quantize_update, encode_update
@@ -41,8 +45,8 @@ from typing import Callable, Container
 from edge.wire.errors import WireError
 from edge.wire.message import DEFAULT_LIMITS, Header, Limits, Message, decode_message, read_header, signature_ok
 
-VERDICT_REASONS = ("ok", "malformed", "unknown_device", "forged", "replayed", "wrong_experiment", "stale_round",
-                   "wrong_base")
+VERDICT_REASONS = ("ok", "malformed", "unknown_device", "forged", "wrong_topic", "replayed", "wrong_experiment",
+                   "stale_round", "wrong_base")
 
 KeyLookup = Callable[[str], "bytes | None"]
 
@@ -69,14 +73,16 @@ class Verdict:
         return self.reason == "ok"
 
 
-def verify_update(data: bytes | bytearray | memoryview, *, experiment: str, round: int, base_hash: bytes,
-                  key: bytes | KeyLookup, seen_nonces: Container[bytes],
+def verify_update(data: bytes | bytearray | memoryview, *, experiment: str, round: int | None, base_hash: bytes,
+                  key: bytes | KeyLookup, seen_nonces: Container[bytes], sender: str | None = None,
                   limits: Limits = DEFAULT_LIMITS) -> Verdict:
     """Verify a device's update for ``round`` of ``experiment``, relative to the model ``base_hash``.
 
     ``key`` is the device key, or a function device id -> key (None if
     unknown). ``seen_nonces`` is only read: record ``verdict.message.nonce``
-    once the update is stored.
+    once the update is stored. ``round`` None: no round is open (any update
+    that passes the earlier checks is ``stale_round``). ``sender``: the device
+    whose topic the message arrived on.
     """
     head, verdict = _signed_header(data, "update", key, limits)
     if verdict is not None:
@@ -84,12 +90,18 @@ def verify_update(data: bytes | bytearray | memoryview, *, experiment: str, roun
     message, verdict = _decode(data, head, limits)
     if verdict is not None:
         return verdict
+    if sender is not None and head.device != sender:
+        return Verdict("wrong_topic", f"signed by {head.device!r} but published on the topic of {sender!r}",
+                       header=head)
     if message.nonce in seen_nonces:
         return Verdict("replayed", f"nonce {message.nonce.hex()} from {head.device!r} was seen before",
                        header=head)
     verdict = _context(head, experiment, round)
     if verdict is not None:
         return verdict
+    if round is None:
+        return Verdict("stale_round", f"update for round {head.round}, but no round is open (between rounds)",
+                       header=head)
     if message.base_hash != base_hash:
         return Verdict("wrong_base", f"update from {head.device!r} is relative to model {message.base_hash.hex()[:16]}, "
                                      f"expected {bytes(base_hash).hex()[:16]}", header=head)
