@@ -6,7 +6,7 @@ selects it, signs a stored model difference for that round and publishes it
 with an energy report (``"meter": null``), exactly as ``qfl edge run`` would,
 only without the training in between::
 
-    devices = [LightDevice(settings_for(d), "exp1", d, creds.devices[d].hmac_key, creds.model_key, delta=delta)
+    devices = [LightDevice(settings_for(d), "exp1", d, creds.devices[d].hmac_key, creds.model_public_key, delta=delta)
                for d in creds.devices]
     for dev in devices: dev.start()
     ...
@@ -36,9 +36,9 @@ class LightDevice:
     ``answered`` maps round -> seconds between receiving the plan and publishing.
     """
 
-    def __init__(self, settings: BrokerSettings, experiment: str, device: str, key: bytes, model_key: bytes, *,
+    def __init__(self, settings: BrokerSettings, experiment: str, device: str, key: bytes, model_public_key: bytes, *,
                  delta: Mapping[str, np.ndarray], samples: int = 100, seed: int = 0, check_model: bool = True):
-        self.device, self.key, self.model_key = device, key, model_key
+        self.device, self.key, self.model_key = device, key, model_public_key
         self.topics = Topics(experiment)
         self.experiment = experiment
         self.delta = {k: np.asarray(v, np.float32) for k, v in delta.items()}

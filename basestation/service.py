@@ -394,7 +394,7 @@ class Basestation:
     def _encode_model(self, round_: int) -> bytes:
         tensors = quantize_update(self.global_weights, 32, None)
         return encode_model(tensors, experiment=self.config.experiment, round=round_,
-                            key=self.credentials.model_key)
+                            key=self.credentials.model_signing_key)
 
     def _bounds(self, plan: RoundPlan) -> UpdateBounds:
         return UpdateBounds.for_round(plan.n, self.config.bounds)

@@ -139,7 +139,7 @@ def round_overhead(root: Path, rounds: int) -> dict:
     creds_path = creds.save(root / "credentials.json")
     with Broker(root / "broker", accounts=creds.accounts(), experiment=EXP) as broker:
         delta = mlp_delta(1)
-        fleet = [LightDevice(login(broker, creds, d), EXP, d, creds.devices[d].hmac_key, creds.model_key,
+        fleet = [LightDevice(login(broker, creds, d), EXP, d, creds.devices[d].hmac_key, creds.model_public_key,
                              delta=delta, samples=90, seed=i).start() for i, d in enumerate(devices)]
         config = basestation_config(root, broker, creds_path, round={"min_devices": 20, "deadline_seconds": 30.0,
                                                                      "report_wait_seconds": 3.0})
@@ -310,7 +310,7 @@ def edge_memory(root: Path, rounds: int) -> dict:
             entry = creds.devices[dev]
             cfg = root / f"{dev}.toml"
             cfg.write_text(toml_text({"device_id": dev, "experiment": EXP, "hmac_key": entry.hmac_key.hex(),
-                                      "model_key": creds.model_key.hex(), "shard": str(shard),
+                                      "model_public_key": creds.model_public_key.hex(), "shard": str(shard),
                                       "spool_dir": str(root / f"spool-{dev}"), "exit_when_finished": False},
                                      {"broker": {"url": broker.url, "username": entry.username,
                                                  "password": entry.password}}))

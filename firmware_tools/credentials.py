@@ -5,13 +5,14 @@ passwords from it, the basestation the per-device HMAC keys::
 
     creds = Credentials.load("provision/credentials.json")
     creds.devices["dev-01"].hmac_key       # bytes: signs that device's updates and reports
-    creds.model_key                         # bytes: signs the global model (every device has it)
+    creds.model_signing_key                 # bytes: Ed25519 private key that signs global models (basestation only)
+    creds.model_public_key                  # bytes: its public key, which every device gets to check models
     creds.accounts()                        # for basestation.broker.Broker
 
 File layout::
 
     {"experiment": "exp1",
-     "model_key": "<hex>",
+     "model_signing_key": "<hex, 32 bytes>",
      "basestation": {"username": "basestation", "password": "..."},
      "devices": {"dev-01": {"username": "dev-01", "password": "...", "hmac_key": "<hex>"}}}
 
@@ -62,8 +63,15 @@ class Credentials:
     experiment: str
     basestation_username: str
     basestation_password: str
-    model_key: bytes
+    model_signing_key: bytes
     devices: dict[str, DeviceCredentials] = field(default_factory=dict)
+
+    @property
+    def model_public_key(self) -> bytes:
+        """The Ed25519 public key devices check global models with."""
+        from edge.wire.signing import public_key
+
+        return public_key(self.model_signing_key)
 
     def accounts(self) -> list[BrokerAccount]:
         """Every broker login: the basestation's first, then one per device."""
@@ -79,7 +87,7 @@ class Credentials:
         """The JSON document :meth:`save` writes."""
         return {
             "experiment": self.experiment,
-            "model_key": self.model_key.hex(),
+            "model_signing_key": self.model_signing_key.hex(),
             "basestation": {"username": self.basestation_username, "password": self.basestation_password},
             "devices": {dev: c.to_json() for dev, c in sorted(self.devices.items())},
         }
@@ -117,7 +125,13 @@ class Credentials:
         try:
             experiment = check_name(doc["experiment"], "experiment id")
             bs = doc["basestation"]
-            model_key = _key(doc["model_key"], "model_key", source)
+            if "model_signing_key" not in doc and "model_key" in doc:
+                raise CredentialsError(f"{source} holds a shared HMAC model_key from before global models were "
+                                       "Ed25519-signed: provision the testbed again (firmware_tools.provision)")
+            model_key = _key(doc["model_signing_key"], "model_signing_key", source)
+            if len(model_key) != 32:
+                raise CredentialsError(f"{source}: model_signing_key must be 32 bytes (an Ed25519 private key), "
+                                       f"got {len(model_key)}")
             devices = {}
             for dev, entry in dict(doc.get("devices", {})).items():
                 check_name(dev, "device id")

@@ -35,6 +35,7 @@ from typing import Sequence
 from firmware_tools.broker_auth import acl_text, write_password_file
 from firmware_tools.credentials import Credentials, CredentialsError, DeviceCredentials
 from edge.mqtt import BrokerSettings, check_name
+from edge.wire.signing import generate_signing_key
 
 
 class ProvisionError(ValueError):
@@ -116,7 +117,7 @@ def provision(out: str | Path, *, experiment: str, devices: int | Sequence[str],
         if creds.experiment != experiment:
             raise ProvisionError(f"{creds_path} belongs to experiment {creds.experiment!r}; use another --out")
     else:
-        creds = Credentials(experiment, basestation_user, secrets.token_urlsafe(24), secrets.token_bytes(32))
+        creds = Credentials(experiment, basestation_user, secrets.token_urlsafe(24), generate_signing_key())
     for name in names:
         if name not in creds.devices:
             creds.devices[name] = DeviceCredentials(name, secrets.token_urlsafe(18), secrets.token_bytes(32))
@@ -138,7 +139,7 @@ def provision(out: str | Path, *, experiment: str, devices: int | Sequence[str],
         if shards is not None:
             shutil.copyfile(Path(shards) / f"{name}.npz", folder / "shard.npz")
         top = {"device_id": name, "experiment": experiment, "hmac_key": entry.hmac_key.hex(),
-               "model_key": creds.model_key.hex(), "shard": "shard.npz", "board": board, "meter_port": meter_port,
+               "model_public_key": creds.model_public_key.hex(), "shard": "shard.npz", "board": board, "meter_port": meter_port,
                "spool_dir": "spool", "seed": seed}
         broker = {"url": broker_url, "username": entry.username, "password": entry.password, "protocol": protocol,
                   "ca_file": "ca.crt" if ca_file is not None else None}

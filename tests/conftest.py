@@ -169,7 +169,7 @@ class Federation:
         self.root, self._spawn, self.protocol, self.experiment = root, spawn, protocol, experiment
         self.devices = [f"device-{i:03d}" for i in range(devices)]
         rng = np.random.default_rng(seed)
-        self.credentials = Credentials(experiment, "basestation", "bs-" + rng.bytes(8).hex(), rng.bytes(32))
+        self.credentials = Credentials(experiment, "basestation", "bs-" + rng.bytes(8).hex(), rng.bytes(32))  # Ed25519 seed
         for dev in self.devices:
             self.credentials.devices[dev] = DeviceCredentials(dev, "pw-" + rng.bytes(8).hex(), rng.bytes(32))
         self.credentials_path = self.credentials.save(root / "credentials.json")
@@ -193,7 +193,7 @@ class Federation:
         dev = self.devices[i]
         entry = self.credentials.devices[dev]
         top: dict[str, object] = {"device_id": dev, "experiment": self.experiment, "hmac_key": entry.hmac_key.hex(),
-                                  "model_key": self.credentials.model_key.hex(),
+                                  "model_public_key": self.credentials.model_public_key.hex(),
                                   "shard": str(self.root / "shards" / f"{dev}.npz"), "board": "pi4",
                                   "spool_dir": str(self.root / "spool" / dev), "seed": i, "publish_timeout": 5.0}
         top.update(overrides)

@@ -89,7 +89,7 @@ def test_attacks_are_rejected_counted_and_leave_the_model_alone(federation, prot
     fed = federation(devices=2, protocol=protocol)
     victim = fed.devices[1]
     honest = LightDevice(settings(fed, victim), fed.experiment, victim, fed.credentials.devices[victim].hmac_key,
-                         fed.credentials.model_key, delta=delta(7), samples=80).start()
+                         fed.credentials.model_public_key, delta=delta(7), samples=80).start()
     player = Player(fed)
     hole = MqttLink(BrokerSettings(fed.broker.url, username=fed.credentials.basestation_username,
                                    password=fed.credentials.basestation_password, protocol=protocol), "acl-hole")

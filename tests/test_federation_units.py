@@ -23,6 +23,7 @@ from edge.runtime.config import ConfigError, DeviceConfig
 from edge.runtime.messages import (Ack, MessageError, RoundPlan, open_signed_json, parse_status, sign_json,
                                    status_payload)
 from edge.runtime.spool import Spool
+from edge.wire.signing import public_key
 from edge.wire import encode_update, model_hash, quantize_update
 from firmware_tools.provision import ProvisionError, provision
 
@@ -118,8 +119,12 @@ def test_spool_is_ordered_durable_and_bounded(tmp_path: Path) -> None:
 
 # ---- configs ----
 
+MODEL_SIGNING_KEY = bytes.fromhex("22" * 32)  # the basestation's Ed25519 private key in these tests
+
+
 def device_doc(**changes) -> dict:
-    doc = {"device_id": "dev-01", "experiment": "exp1", "hmac_key": "11" * 32, "model_key": "22" * 32,
+    doc = {"device_id": "dev-01", "experiment": "exp1", "hmac_key": "11" * 32,
+           "model_public_key": public_key(MODEL_SIGNING_KEY).hex(),
            "shard": "shard.npz", "broker": {"url": "mqtt://10.0.0.2", "username": "dev-01", "password": "pw"}}
     doc.update(changes)
     return doc
@@ -131,6 +136,9 @@ def test_device_config(tmp_path: Path) -> None:
     assert cfg.client_id == "qfl-exp1-dev-01" and cfg.spool_dir == tmp_path / "spool"
     for doc, message in ((device_doc(hmac_key="xyz"), "hmac_key must be hex"),
                          (device_doc(hmac_key="11"), "at least 16 bytes"),
+                         (device_doc(model_public_key="22" * 16), "must be 32 bytes"),
+                         ({**{k: v for k, v in device_doc().items() if k != "model_public_key"},
+                           "model_key": "22" * 32}, "provision the device again"),
                          (device_doc(seed="0"), "seed must be int"),
                          (device_doc(meter_prot="/dev/ttyACM0"), "unknown setting.*meter_prot"),
                          (device_doc(broker={"url": "http://x"}), r"\[broker\]: broker URL"),
@@ -174,7 +182,10 @@ def test_credentials_file(tmp_path: Path) -> None:
     with pytest.raises(CredentialsError, match="need at least 16"):
         Credentials.load(path)
     with pytest.raises(CredentialsError, match="missing field 'basestation'"):
-        Credentials.from_json({"experiment": "e", "model_key": "00" * 16})
+        Credentials.from_json({"experiment": "e", "model_signing_key": "00" * 32})
+    with pytest.raises(CredentialsError, match="provision the testbed again"):
+        Credentials.from_json({"experiment": "e", "model_key": "00" * 32, "basestation": {}})
+    assert len(creds.model_public_key) == 32 and creds.model_public_key != creds.model_signing_key
 
 
 # ---- round rules ----
@@ -335,7 +346,7 @@ def test_provision_bundles_and_broker_logins(tmp_path: Path, broker_factory) -> 
     assert all(line.split(":", 1)[1].startswith("$") for line in result.password_file.read_text().splitlines())
     assert "user device-001" in result.acl_file.read_text()
     cfg = DeviceConfig.load(result.bundles["device-000"] / "device.toml")
-    assert cfg.hmac_key == creds.devices["device-000"].hmac_key and cfg.model_key == creds.model_key
+    assert cfg.hmac_key == creds.devices["device-000"].hmac_key and cfg.model_public_key == creds.model_public_key
     assert cfg.shard.is_file() and stat.S_IMODE((result.bundles["device-000"] / "device.toml").stat().st_mode) == 0o600
     assert BasestationConfig.load(result.basestation_config).experiment == "exp1"
     # Again with one more device: existing secrets stay, so bundles already on a Pi keep working.
@@ -402,7 +413,7 @@ def test_edge_runtime_skips_what_it_cannot_do_and_trains_what_it_can(tmp_path: P
         runtime._handle(Message(topic, payload, 1, False, 1))
         runtime._maybe_train()
 
-    def model_msg(round_: int, key: bytes = cfg.model_key) -> bytes:
+    def model_msg(round_: int, key: bytes = MODEL_SIGNING_KEY) -> bytes:
         return encode_model(tensors, experiment="exp1", round=round_, key=key)
 
     good = dict(selected=("dev-01",), model_hash=model_hash(weights).hex(), deadline=time.time() + 60, iterations=3)

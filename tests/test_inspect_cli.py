@@ -12,6 +12,7 @@ import pytest
 
 from edge.cli import main
 from edge.wire import encode_model, encode_update, quantize_update
+from edge.wire.signing import public_key
 
 KEY = bytes(range(32))
 KEY_HEX = KEY.hex()
@@ -65,10 +66,14 @@ def test_model_message(tmp_path, capsys):
     path = tmp_path / "model.bin"
     path.write_bytes(encode_model(quantize_update({"w": np.ones(3, np.float32)}, 32, None), experiment="e",
                                   round=1, key=KEY))
-    assert main(["inspect", str(path), "--key", KEY_HEX]) == 0
+    assert main(["inspect", str(path), "--key", public_key(KEY).hex()]) == 0  # models: the Ed25519 public key
     out = capsys.readouterr().out
     assert "message      model, kind full" in out and "sender       basestation" in out
-    assert "float32" in out
+    assert "float32" in out and "format version 2" in out
+    assert main(["inspect", str(path), "--key", KEY_HEX]) == 1  # the private key is not what checks it
+    assert "signature    FAILED" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--key", "00" * 16]) == 2  # not an Ed25519 public key: one line, no traceback
+    assert "cannot check the signature" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mangle,message", [

@@ -52,7 +52,7 @@ def test_exp127_update_is_refused_and_the_run_finishes(federation) -> None:
     fed = federation(devices=2)
     victim = fed.devices[1]
     honest = LightDevice(settings(fed, victim), fed.experiment, victim, fed.credentials.devices[victim].hmac_key,
-                         fed.credentials.model_key, delta=delta(7), samples=80).start()
+                         fed.credentials.model_public_key, delta=delta(7), samples=80).start()
     player = Player(fed)
     try:
         greet(player)
@@ -88,7 +88,7 @@ def test_restart_with_a_poisoned_update_already_stored_does_not_crash(federation
     fed = federation(devices=2)
     victim = fed.devices[1]
     honest = LightDevice(settings(fed, victim), fed.experiment, victim, fed.credentials.devices[victim].hmac_key,
-                         fed.credentials.model_key, delta=delta(7), samples=80).start()
+                         fed.credentials.model_public_key, delta=delta(7), samples=80).start()
     player = Player(fed)
     options = {"rounds": 1, "keep_payloads": True, "round.quorum": 0.5, "round.deadline_seconds": 8.0,
                "round.extensions": 0, "round.report_wait_seconds": 0.5}
@@ -131,7 +131,7 @@ def test_restart_with_a_retained_poison_on_the_broker(federation) -> None:
     fed = federation(devices=2)
     victim = fed.devices[1]
     honest = LightDevice(settings(fed, victim), fed.experiment, victim, fed.credentials.devices[victim].hmac_key,
-                         fed.credentials.model_key, delta=delta(7), samples=80).start()
+                         fed.credentials.model_public_key, delta=delta(7), samples=80).start()
     player = Player(fed)
     options = {"rounds": 1, "round.quorum": 1.0, "round.deadline_seconds": 30.0, "round.report_wait_seconds": 0.5}
     try:

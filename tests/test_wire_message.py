@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edge.wire.signing import public_key, sign
 from edge.wire import (
     Limits,
     Message,
@@ -35,6 +36,7 @@ from edge.wire import (
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(100, 132))
+PUB, OTHER_PUB = public_key(KEY), public_key(OTHER_KEY)  # models: KEY is the Ed25519 private key
 BASE = hashlib.sha256(b"global model of round 7").digest()
 NONCE = bytes(range(16))
 DERANDOMIZED = settings(derandomize=True, max_examples=150, deadline=None,
@@ -42,7 +44,12 @@ DERANDOMIZED = settings(derandomize=True, max_examples=150, deadline=None,
 
 
 def reseal(data: bytes, key: bytes = KEY) -> bytes:
-    """Recompute the CRC32 and HMAC of an edited message, so the edit reaches the parser."""
+    """Recompute the CRC32 and signature of an edited message (HMAC for an update, Ed25519 with ``key`` as the
+    private key for a model, format version 2), so the edit reaches the parser."""
+    if data[4] == 2:
+        body = data[:-68]
+        body += struct.pack("<I", zlib.crc32(body))
+        return body + sign(key, body)
     body = data[:-36]
     body += struct.pack("<I", zlib.crc32(body))
     return body + hmac.new(key, body, hashlib.sha256).digest()
@@ -282,7 +289,7 @@ def test_update_round_trip_property(msg):
 def test_model_round_trip_property(msg):
     data = encode_model(msg.tensors, experiment=msg.experiment, round=msg.round, key=KEY, samples=msg.samples,
                         sender=msg.device, nonce=msg.nonce)
-    decoded = decode_message(data, key=KEY)
+    decoded = decode_message(data, key=PUB)
     assert decoded.msg_type == "model" and decoded.kind == "full"
     assert decoded.tensors == msg.tensors
     assert decoded.base_hash == model_hash(dequantize(msg.tensors))
@@ -291,7 +298,7 @@ def test_model_round_trip_property(msg):
 def test_model_message_carries_its_own_hash():
     tensors = sample_tensors()
     data = encode_model(tensors, experiment="exp-1", round=8, key=KEY, nonce=NONCE)
-    msg = decode_message(data, key=KEY)
+    msg = decode_message(data, key=PUB)
     assert msg.device == "basestation"
     assert msg.base_hash == model_hash(msg.weights())
     # An update is relative to exactly that hash.
@@ -300,7 +307,7 @@ def test_model_message_carries_its_own_hash():
     assert decode_message(update).base_hash == msg.base_hash
     # A model whose weights do not match its hash is rejected, on both sides.
     tampered = bytearray(data)
-    tampered[-37] ^= 0x01  # last payload byte (a float32 mantissa bit)
+    tampered[-69] ^= 0x01  # last payload byte (a float32 mantissa bit), before the CRC and 64-byte signature
     with pytest.raises(WireError) as err:
         decode_message(reseal(bytes(tampered)))
     assert err.value.reason == "bad_model_hash"
@@ -330,7 +337,7 @@ def payload_offset(data: bytes) -> int:
 MALFORMED = [
     ("too_large", lambda d: d, Limits(max_message_bytes=100)),
     ("bad_magic", lambda d: b"QFLX" + d[4:], None),
-    ("bad_version", lambda d: d[:4] + b"\x02" + d[5:], None),
+    ("bad_version", lambda d: d[:4] + b"\x03" + d[5:], None),
     ("truncated", lambda d: d[:60], None),
     ("bad_length", lambda d: d[:-1], None),
     ("bad_length", lambda d: d + b"\x00", None),
@@ -483,8 +490,18 @@ def test_replayed_takes_precedence_over_stale_round():
 
 def test_verify_model():
     data = encode_model(sample_tensors(), experiment="exp-1", round=8, key=KEY)
-    assert verify_model(data, experiment="exp-1", key=KEY, round=8).accepted
-    assert verify_model(data, experiment="exp-1", key=KEY).accepted
-    assert verify_model(data, experiment="exp-1", key=OTHER_KEY).reason == "forged"
-    assert verify_model(data, experiment="exp-1", key=KEY, round=9).reason == "stale_round"
-    assert verify_model(data, experiment="other", key=KEY).reason == "wrong_experiment"
+    assert verify_model(data, experiment="exp-1", key=PUB, round=8).accepted
+    assert verify_model(data, experiment="exp-1", key=PUB).accepted
+    assert verify_model(data, experiment="exp-1", key=OTHER_PUB).reason == "forged"
+    assert verify_model(data, experiment="exp-1", key=PUB, round=9).reason == "stale_round"
+    assert verify_model(data, experiment="other", key=PUB).reason == "wrong_experiment"
+    # The private key is not the public one, and an HMAC-style key of the wrong size verifies nothing.
+    assert verify_model(data, experiment="exp-1", key=KEY).reason == "forged"
+    assert verify_model(data, experiment="exp-1", key=b"k" * 16).reason == "unknown_device"
+
+
+def test_a_device_cannot_make_a_model_message():
+    """A device holds only the public key: signing with it (or with its HMAC key) gives no valid model."""
+    for forger in (PUB, OTHER_KEY):
+        data = encode_model(sample_tensors(), experiment="exp-1", round=8, key=forger)
+        assert verify_model(data, experiment="exp-1", key=PUB).reason == "forged"

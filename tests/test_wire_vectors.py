@@ -64,32 +64,35 @@ def vector(name: str) -> tuple[Message, bytes, bytes]:
                   bytes.fromhex(spec["base_hash"]), spec["samples"], spec["kind"], tuple(tensors),
                   bytes.fromhex(spec["nonce"]))
     data = bytes.fromhex("".join(block_after(f"{name}:hex").split()))
-    return msg, data, bytes.fromhex(spec["key"])
+    return msg, data, bytes.fromhex(spec["key"]), bytes.fromhex(spec.get("public_key", spec["key"]))
 
 
 @pytest.mark.parametrize("name", ["update", "model"])
 def test_message_vector_encodes_to_the_doc_hex(name):
-    msg, data, key = vector(name)
+    msg, data, key, _ = vector(name)
     assert encode_message(msg, key) == data
 
 
 @pytest.mark.parametrize("name", ["update", "model"])
 def test_doc_hex_decodes_to_the_vector_inputs(name):
-    msg, data, key = vector(name)
-    assert decode_message(data, key=key) == msg
+    msg, data, _, check = vector(name)  # a model is checked with the public key
+    assert decode_message(data, key=check) == msg
     assert len(data) == message_size([(t.name, t.shape, t.bits) for t in msg.tensors],
-                                     experiment=msg.experiment, device=msg.device)
+                                     experiment=msg.experiment, device=msg.device, msg_type=msg.msg_type)
 
 
 def test_model_vector_hash_is_the_hash_of_its_weights():
-    msg, _, _ = vector("model")
+    msg, _, key, public = vector("model")
+    from edge.wire.signing import public_key
+
+    assert public_key(key) == public
     weights = dequantize(msg.tensors)
     assert weights["out.sign"].tolist() == [0.25, -0.25, -0.25, 0.25, -0.25]
     assert model_hash(weights) == msg.base_hash
 
 
 def test_update_vector_size_statement():
-    _, data, _ = vector("update")
+    _, data, _, _ = vector("update")
     assert len(data) == 170 == (108 + 4 + 5) + (10 + 8 + 9) + (10 + 4 + 7) + 3 + 2
 
 

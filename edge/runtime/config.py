@@ -8,7 +8,7 @@ Example file (``firmware_tools.provision`` writes one per device)::
     device_id = "dev-01"
     experiment = "exp1"
     hmac_key = "<64 hex digits>"      # signs this device's updates and reports
-    model_key = "<64 hex digits>"     # checks the basestation's global-model messages
+    model_public_key = "<64 hex digits>"  # the basestation's Ed25519 public key: checks global models
     shard = "shard.npz"               # this device's training data (edge.data.save_shard)
     board = "pi4"
     meter_port = "/dev/ttyACM0"       # leave out to run without a power meter; relative: beside this file
@@ -117,6 +117,16 @@ class Table:
             raise ConfigError(f"{self.where}: {key} must be at least 16 bytes (32 hex digits), got {len(raw)}")
         return raw
 
+    def public_key(self, key: str) -> bytes:
+        """A hex-encoded 32-byte Ed25519 public key."""
+        if key not in self.doc and "model_key" in self.doc:
+            raise ConfigError(f"{self.where}: model_key (a shared HMAC key) was replaced by {key} (the basestation's "
+                              "Ed25519 public key): provision the device again")
+        raw = self.key_bytes(key)
+        if len(raw) != 32:
+            raise ConfigError(f"{self.where}: {key} must be 32 bytes (64 hex digits), got {len(raw)}")
+        return raw
+
     def table(self, key: str) -> dict[str, Any]:
         """A sub-table (empty if absent)."""
         return dict(self.get(key, dict, {}))
@@ -151,7 +161,7 @@ class DeviceConfig:
     device_id: str
     experiment: str
     hmac_key: bytes
-    model_key: bytes
+    model_public_key: bytes
     shard: Path
     broker: BrokerSettings
     spool_dir: Path
@@ -189,7 +199,7 @@ class DeviceConfig:
             device_id=device_id,
             experiment=experiment,
             hmac_key=t.key_bytes("hmac_key"),
-            model_key=t.key_bytes("model_key"),
+            model_public_key=t.public_key("model_public_key"),
             shard=t.path("shard", base),  # type: ignore[arg-type]
             broker=broker_settings(t.table("broker"), base, where),
             spool_dir=t.path("spool_dir", base, "spool"),  # type: ignore[arg-type]

@@ -238,7 +238,7 @@ class EdgeRuntime:
             return
         from edge.wire import verify_model
 
-        verdict = verify_model(payload, experiment=self.config.experiment, key=self.config.model_key, round=round_)
+        verdict = verify_model(payload, experiment=self.config.experiment, key=self.config.model_public_key, round=round_)
         if not verdict.accepted:
             log.warning("ignoring global model for round %d: %s (%s)", round_, verdict.reason, verdict.detail)
             return

@@ -1,8 +1,10 @@
 """Print a decoded summary of an update or global-model message file.
 
 ``qfl inspect FILE [--key HEX | --key-file F] [--json]``: header, tensors
-(bits, shape, scale, sizes) and whether the HMAC verified with the given
-key. Exit status 0 when the message decodes (and verifies, with a key), 1
+(bits, shape, scale, sizes, the range of the codes and of the values they
+stand for) and whether the signature verified with the given key: a
+device's HMAC key for an update, the basestation's Ed25519 public key for a
+global model. Exit status 0 when the message decodes (and verifies, with a key), 1
 when it decodes but the signature fails, 2 when it is not a valid message.
 """
 
@@ -16,8 +18,9 @@ from typing import Any
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="a message as published (e.g. a spooled update or a saved model)")
     key = parser.add_mutually_exclusive_group()
-    key.add_argument("--key", help="the sender's HMAC key as hex, to check the signature")
-    key.add_argument("--key-file", type=Path, help="file holding the sender's HMAC key as hex on one line")
+    key.add_argument("--key", help="as hex, to check the signature: the device's HMAC key (update) or the "
+                                   "basestation's Ed25519 public key (model)")
+    key.add_argument("--key-file", type=Path, help="file holding that key as hex on one line")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -37,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
         message = decode_message(data)
     except WireError as exc:
         raise CommandError(f"{args.file} is not a valid message: {exc}") from None
-    signature = "not checked" if key is None else ("verified" if signature_ok(data, key) else "FAILED")
+    try:
+        signature = "not checked" if key is None else ("verified" if signature_ok(data, key) else "FAILED")
+    except WireError as exc:
+        raise CommandError(f"cannot check the signature of {args.file}: {exc}") from None
     summary = summarize(message, len(data), signature, version=read_header(data).version)
     summary["file"] = str(args.file)
     if args.json:
@@ -74,7 +80,8 @@ def _read_key(key_hex: str | None, key_file: Path | None) -> bytes | None:
 
 def summarize(message: Any, size: int, signature: str, version: int = 1) -> dict[str, Any]:
     """A JSON-ready description of a decoded message (what ``--json`` prints)."""
-    from edge.wire.message import FIXED_HEADER_SIZE, TENSOR_HEADER_SIZE, TRAILER_SIZE
+    from edge.wire.message import FIXED_HEADER_SIZE, TENSOR_HEADER_SIZE, trailer_size
+    from edge.wire.tensor import dequantize_tensor
 
     tensors = []
     for t in message.tensors:
@@ -84,11 +91,14 @@ def summarize(message: Any, size: int, signature: str, version: int = 1) -> dict
             "payload_bytes": t.payload_size, "header_bytes": TENSOR_HEADER_SIZE + 4 * len(t.shape) + len(t.name.encode()),
             "zeros": int((t.values == 0).sum()),
         }
-        if t.count:
+        if t.count:  # min/max: the codes (raw floats at rounding none); value_min/value_max: what they stand for
             entry["min"] = float(t.values.min()) if t.rounding == "none" else int(t.values.min())
             entry["max"] = float(t.values.max()) if t.rounding == "none" else int(t.values.max())
+            values = dequantize_tensor(t)
+            entry["value_min"], entry["value_max"] = float(values.min()), float(values.max())
         tensors.append(entry)
-    message_header = FIXED_HEADER_SIZE + len(message.experiment.encode()) + len(message.device.encode()) + TRAILER_SIZE
+    message_header = (FIXED_HEADER_SIZE + len(message.experiment.encode()) + len(message.device.encode())
+                      + trailer_size(version))
     return {
         "size": size,
         "header": {
@@ -125,12 +135,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f" + {sizes['payloads']} payload bytes for {sizes['values']} values",
         f"tensors      {len(summary['tensors'])}",
     ]
-    rows = [("name", "shape", "bits", "rounding", "scale", "payload", "zeros", "min", "max")]
+    rows = [("name", "shape", "bits", "rounding", "scale", "payload", "zeros", "code min", "code max", "value min",
+             "value max")]
     for t in summary["tensors"]:
         rows.append((
             t["name"], "x".join(map(str, t["shape"])) or "scalar", str(t["bits"]), t["rounding"],
             "float32" if t["scale_exp"] is None else f"2^{t['scale_exp']}", f"{t['payload_bytes']} B",
-            f"{t['zeros']}/{t['count']}", _num(t.get("min")), _num(t.get("max")),
+            f"{t['zeros']}/{t['count']}", _num(t.get("min")), _num(t.get("max")), _num(t.get("value_min")),
+            _num(t.get("value_max")),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -1,4 +1,4 @@
-"""Encode and decode signed update and global-model messages (format version 1).
+"""Encode and decode signed update (format version 1) and global-model (version 2) messages.
 
 Layout (all integers little endian; full tables in docs/wire-format.md)::
 
@@ -10,7 +10,9 @@ Layout (all integers little endian; full tables in docs/wire-format.md)::
                              exponent, payload length, dims (u32 each), name
     payloads                 packed codes, ceil(bits * count / 8) bytes each, in table order
     CRC32                    of every byte before it
-    HMAC-SHA256              of every byte before it, with the sender's key
+    signature                of every byte before it: an update (version 1) ends in the
+                             HMAC-SHA256 under its device's key (32 bytes), a global
+                             model (version 2) in the basestation's Ed25519 signature (64)
 
 The decoder checks every declared size against the real length and the
 :class:`Limits` before it allocates anything, and raises :class:`WireError`
@@ -44,11 +46,13 @@ from numpy.typing import ArrayLike
 
 from edge.wire.bits import pack_bits, packed_size, unpack_bits
 from edge.wire.errors import WireError
+from edge.wire.signing import SIGNATURE_SIZE
 from edge.wire.tensor import MIN_SCALE_EXP, ROUNDINGS, QuantizedTensor, dequantize, max_scale_exp
 
 MAGIC = b"QFLW"
-VERSION = 1
-READABLE_VERSIONS = (1,)
+VERSION = 1  # updates: HMAC-SHA256 trailer
+MODEL_VERSION = 2  # global models: Ed25519 trailer (edge.wire.signing)
+READABLE_VERSIONS = (1, 2)
 
 MSG_TYPES = {"update": 1, "model": 2}
 KINDS = {"difference": 0, "full": 1}
@@ -66,7 +70,13 @@ NONCE_SIZE = 16
 MIN_KEY_SIZE = 16
 FIXED_HEADER_SIZE = _FIXED.size  # 72
 TENSOR_HEADER_SIZE = _TENSOR.size  # 10, plus 4 per dimension and the name
-TRAILER_SIZE = _CRC.size + MAC_SIZE  # 36
+TRAILER_SIZE = _CRC.size + MAC_SIZE  # 36, an update's
+MODEL_TRAILER_SIZE = _CRC.size + SIGNATURE_SIZE  # 68, a model's
+
+
+def trailer_size(version: int) -> int:
+    """Bytes of CRC and signature at the end of a message of format ``version`` (1: 36, 2: 68)."""
+    return MODEL_TRAILER_SIZE if version == MODEL_VERSION else TRAILER_SIZE
 _U32_MAX = 2**32 - 1
 
 
@@ -172,16 +182,19 @@ def model_hash(weights: Mapping[str, ArrayLike]) -> bytes:
     return h.digest()
 
 
-def message_size(shapes_bits: Iterable[tuple[str, tuple[int, ...], int]], *, experiment: str, device: str) -> int:
+def message_size(shapes_bits: Iterable[tuple[str, tuple[int, ...], int]], *, experiment: str, device: str,
+                 msg_type: str = "update") -> int:
     """Exact encoded size of a message with tensors given as (name, shape, bits).
 
-    108 + len(experiment) + len(device) bytes per message (UTF-8 lengths),
+    108 + len(experiment) + len(device) bytes per update (UTF-8 lengths; 140
+    for a model, whose Ed25519 signature is 32 bytes longer than an HMAC),
     plus 10 + 4 * ndim + len(name) + ceil(bits * count / 8) per tensor.
 
     >>> message_size([("w", (100,), 8)], experiment="e", device="d")
     225
     """
-    total = FIXED_HEADER_SIZE + len(experiment.encode("utf-8")) + len(device.encode("utf-8")) + TRAILER_SIZE
+    trailer = MODEL_TRAILER_SIZE if msg_type == "model" else TRAILER_SIZE
+    total = FIXED_HEADER_SIZE + len(experiment.encode("utf-8")) + len(device.encode("utf-8")) + trailer
     for name, shape, bits in shapes_bits:
         total += TENSOR_HEADER_SIZE + 4 * len(shape) + len(name.encode("utf-8"))
         total += packed_size(bits, math.prod(shape))
@@ -202,7 +215,10 @@ def encode_update(tensors: Iterable[QuantizedTensor], *, experiment: str, device
 
 def encode_model(tensors: Iterable[QuantizedTensor], *, experiment: str, round: int, key: bytes,
                  samples: int = 0, sender: str = "basestation", nonce: bytes | None = None) -> bytes:
-    """Encode and sign a global-model message; its hash is model_hash of the dequantized tensors."""
+    """Encode a global-model message and sign it with the basestation's Ed25519 private ``key`` (32 bytes).
+
+    Its hash is model_hash of the dequantized tensors.
+    """
     tensors = tuple(tensors)
     msg = Message("model", experiment, sender, round, model_hash(dequantize(tensors)), samples, "full", tensors,
                   os.urandom(NONCE_SIZE) if nonce is None else nonce)
@@ -210,7 +226,8 @@ def encode_model(tensors: Iterable[QuantizedTensor], *, experiment: str, round: 
 
 
 def encode_message(message: Message, key: bytes) -> bytes:
-    """Serialize ``message`` and sign it with ``key`` (at least 16 bytes).
+    """Serialize ``message`` and sign it: an update with the HMAC ``key`` (at least 16 bytes), a model with
+    the Ed25519 private ``key`` (32 bytes).
 
     A model message's ``base_hash`` must equal model_hash of its dequantized tensors.
     """
@@ -220,7 +237,9 @@ def encode_message(message: Message, key: bytes) -> bytes:
 
 
 def _serialize(m: Message, key: bytes) -> bytes:
-    _check_key(key)
+    model = m.msg_type == "model"
+    if not model:
+        _check_key(key)
     if m.msg_type not in MSG_TYPES:
         raise WireError("bad_type", f"msg_type must be one of {tuple(MSG_TYPES)}, got {m.msg_type!r}")
     if m.kind not in KINDS:
@@ -247,24 +266,39 @@ def _serialize(m: Message, key: bytes) -> bytes:
         parts.append(name)
         payloads.append(_payload(t))
     body_size = sum(map(len, parts)) + sum(map(len, payloads))
-    total = FIXED_HEADER_SIZE + body_size + TRAILER_SIZE
+    version = MODEL_VERSION if model else VERSION
+    total = FIXED_HEADER_SIZE + body_size + trailer_size(version)
     if total > _U32_MAX:
         raise WireError("too_large", f"message of {total} bytes exceeds the u32 length field")
-    parts[0] = _FIXED.pack(MAGIC, VERSION, MSG_TYPES[m.msg_type], KINDS[m.kind], 0, total, m.round, m.samples,
+    parts[0] = _FIXED.pack(MAGIC, version, MSG_TYPES[m.msg_type], KINDS[m.kind], 0, total, m.round, m.samples,
                            len(m.tensors), len(experiment), len(device), m.base_hash, m.nonce)
     body = b"".join(parts + payloads)
     body += _CRC.pack(zlib.crc32(body))
+    if model:
+        from edge.wire.signing import sign
+
+        return body + sign(key, body)
     return body + hmac.new(key, body, hashlib.sha256).digest()
 
 
 def signature_ok(data: bytes | bytearray | memoryview, key: bytes) -> bool:
-    """True if the last 32 bytes are the HMAC-SHA256 of everything before them under ``key``.
+    """True if the message's signature verifies under ``key``.
 
-    Constant-time comparison; False for data shorter than a MAC. Raises
-    WireError ("bad_field") only for a key that is not bytes of at least 16.
+    Format version 2 (models): the last 64 bytes are the Ed25519 signature of
+    everything before them, ``key`` the basestation's 32-byte public key.
+    Otherwise (updates): the last 32 bytes are the HMAC-SHA256 of everything
+    before them under ``key`` (constant-time comparison). False for data
+    shorter than the signature. Raises WireError ("bad_field") only for a key
+    of the wrong form.
     """
-    _check_key(key)
     view = memoryview(data).cast("B")
+    if len(view) >= 5 and view[4] == MODEL_VERSION:
+        from edge.wire.signing import verify
+
+        if len(view) < SIGNATURE_SIZE:
+            return False
+        return verify(key, view[:-SIGNATURE_SIZE], bytes(view[-SIGNATURE_SIZE:]))
+    _check_key(key)
     if len(view) < MAC_SIZE:
         return False
     expected = hmac.new(key, view[:-MAC_SIZE], hashlib.sha256).digest()
@@ -285,13 +319,14 @@ def read_header(data: bytes | bytearray | memoryview, *, limits: Limits = DEFAUL
         raise WireError("bad_magic", f"expected magic {MAGIC!r}, got {bytes(view[:4])!r}")
     if size >= 5 and view[4] not in READABLE_VERSIONS:
         raise WireError("bad_version", f"format version {view[4]} is not one this reader reads {READABLE_VERSIONS}")
-    if size < FIXED_HEADER_SIZE + TRAILER_SIZE:
-        raise WireError("truncated", f"a message has at least {FIXED_HEADER_SIZE + TRAILER_SIZE} bytes, got {size}")
+    trailer = trailer_size(view[4]) if size >= 5 else TRAILER_SIZE
+    if size < FIXED_HEADER_SIZE + trailer:
+        raise WireError("truncated", f"a message has at least {FIXED_HEADER_SIZE + trailer} bytes, got {size}")
     (_, version, type_code, kind_code, flags, total, round_, samples, count, exp_len, dev_len, base_hash,
      nonce) = _FIXED.unpack_from(view)
     if total != size:
         raise WireError("bad_length", f"header declares {total} bytes, the message has {size}")
-    crc_at = size - TRAILER_SIZE
+    crc_at = size - trailer
     (crc,) = _CRC.unpack_from(view, crc_at)
     if zlib.crc32(view[:crc_at]) != crc:
         raise WireError("bad_crc", f"CRC32 {crc:08x} does not match the content ({zlib.crc32(view[:crc_at]):08x})")
@@ -299,10 +334,13 @@ def read_header(data: bytes | bytearray | memoryview, *, limits: Limits = DEFAUL
     kinds = {code: name for name, code in KINDS.items()}
     if type_code not in types:
         raise WireError("bad_type", f"message type code must be 1 (update) or 2 (model), got {type_code}")
+    if version != (MODEL_VERSION if types[type_code] == "model" else VERSION):
+        raise WireError("bad_version", f"a {types[type_code]} message has format version "
+                                       f"{MODEL_VERSION if types[type_code] == 'model' else VERSION}, got {version}")
     if kind_code not in kinds:
         raise WireError("bad_kind", f"kind code must be 0 (difference) or 1 (full), got {kind_code}")
     if flags != 0:
-        raise WireError("bad_field", f"flags must be 0 in version 1, got {flags}")
+        raise WireError("bad_field", f"flags must be 0, got {flags}")
     if count > limits.max_tensors:
         raise WireError("too_large", f"{count} tensors exceed the limit of {limits.max_tensors}")
     pos = FIXED_HEADER_SIZE
@@ -318,15 +356,16 @@ def decode_message(data: bytes | bytearray | memoryview, *, limits: Limits = DEF
                    key: bytes | None = None) -> Message:
     """Decode a message, checking everything :func:`read_header` checks plus the tensors.
 
-    With ``key``, the HMAC is checked too (reason "bad_signature"). A model
+    With ``key``, the signature is checked too (reason "bad_signature"; an
+    update's HMAC key, or the basestation's Ed25519 public key for a model). A model
     message's hash is recomputed and compared (reason "bad_model_hash").
     Every decoded value dequantizes to a finite float32.
     """
     view = memoryview(data).cast("B")
     head = read_header(view, limits=limits)
     if key is not None and not signature_ok(view, key):
-        raise WireError("bad_signature", f"HMAC-SHA256 does not verify with the given key (sender {head.device!r})")
-    end = len(view) - TRAILER_SIZE
+        raise WireError("bad_signature", f"the signature does not verify with the given key (sender {head.device!r})")
+    end = len(view) - trailer_size(head.version)
     pos = FIXED_HEADER_SIZE + len(head.experiment.encode("utf-8")) + len(head.device.encode("utf-8"))
     specs = []
     total_elements = 0
@@ -355,6 +394,9 @@ def decode_message(data: bytes | bytearray | memoryview, *, limits: Limits = DEF
         rounding = ROUNDINGS[rounding_code]
         if rounding == "none" and bits != 32:
             raise WireError("bad_bits", f"tensor {name!r}: rounding 'none' (float32) needs bits 32, got {bits}")
+        if rounding == "none" and scale_exp != 0:
+            raise WireError("bad_scale", f"tensor {name!r}: rounding 'none' (float32) has scale exponent 0, "
+                                         f"got {scale_exp}")
         if not MIN_SCALE_EXP <= scale_exp <= max_scale_exp(bits):
             raise WireError("bad_scale", f"tensor {name!r}: scale exponent must lie in "
                                          f"[{MIN_SCALE_EXP}, {max_scale_exp(bits)}] at {bits} bits, got {scale_exp}")

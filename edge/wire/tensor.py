@@ -79,6 +79,9 @@ class QuantizedTensor:
             raise WireError("bad_bits", f"tensor {self.name!r}: rounding 'none' (raw float32) needs bits 32, got {self.bits}")
         if isinstance(self.scale_exp, bool) or not isinstance(self.scale_exp, (int, np.integer)):
             raise WireError("bad_scale", f"tensor {self.name!r}: scale_exp must be an integer, got {self.scale_exp!r}")
+        if self.rounding == "none" and self.scale_exp != 0:
+            raise WireError("bad_scale", f"tensor {self.name!r}: rounding 'none' (raw float32) has scale_exp 0, "
+                                         f"got {self.scale_exp}")
         top = max_scale_exp(self.bits)
         if not MIN_SCALE_EXP <= self.scale_exp <= top:
             raise WireError("bad_scale", f"tensor {self.name!r}: scale_exp must lie in [{MIN_SCALE_EXP}, {top}] "
