@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sqlite3
 import sys
 
 
@@ -53,3 +54,6 @@ def run(args: argparse.Namespace) -> int:
         return station.run()
     except (StoreError, ServiceError, MqttError, ValueError) as exc:
         raise CommandError(f"experiment {config.experiment}: {exc}") from None
+    except (sqlite3.Error, OSError) as exc:  # the store stopped taking writes (read-only, disk full, ...)
+        raise CommandError(f"experiment {config.experiment}: the store {config.store} failed: "
+                           f"{type(exc).__name__}: {exc}; nothing after the last commit was acknowledged") from None

@@ -209,8 +209,8 @@ class Basestation:
                 try:
                     self._write_status("stopped")
                     self.store.set_experiment_status(self.config.experiment, "stopped")
-                except Exception:  # never hide why we are stopping
-                    log.exception("could not record the stop in the store")
+                except Exception as exc:  # never hide why we are stopping (the error itself propagates)
+                    log.error("could not record the stop in the store: %s: %s", type(exc).__name__, exc)
             self.store.close()
         return 0
 

@@ -37,11 +37,11 @@ def delta(seed: int) -> dict[str, np.ndarray]:
 class Player:
     """Device 0, driven by the test: its own login, its own key, and whatever it chooses to publish."""
 
-    def __init__(self, fed):
-        self.fed, self.device = fed, fed.devices[0]
+    def __init__(self, fed, index: int = 0):
+        self.fed, self.device = fed, fed.devices[index]
         self.key = fed.credentials.devices[self.device].hmac_key
         self.topics = Topics(fed.experiment)
-        self.link = MqttLink(settings(fed, self.device), "player",
+        self.link = MqttLink(settings(fed, self.device), f"player-{index}",
                              subscriptions=[(self.topics.round, 1), (self.topics.models, 1),
                                             (self.topics.device(self.device, "ack"), 1)])
         connect_blocking(self.link, 5)
