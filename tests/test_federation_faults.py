@@ -124,11 +124,15 @@ def test_basestation_killed_mid_round_resumes_without_double_counting(federation
 
 @pytest.mark.slow
 def test_edge_restart_resends_its_unacknowledged_update(federation) -> None:
-    fed = federation(devices=2, **{"rounds": 2, "training.iterations": LONG // 4, "round.deadline_seconds": 60.0,
+    fed = federation(devices=2, **{"rounds": 2, "training.iterations": LONG, "round.deadline_seconds": 60.0,
                                    "round.min_online": 2})
     edges = [fed.start_edge(i) for i in range(2)]
     bs = fed.start_basestation()
     fed.wait_until(lambda: open_round(fed) == 1, 60, "round 1 to open", (bs, *edges))
+    # Stop it only once device 0 has the plan and model: SIGSTOP freezes paho's network thread too, and
+    # under load it could otherwise freeze the basestation before the plan left it.
+    fed.wait_until(lambda: "round 1: training" in edges[0].log_path.read_text(), 60, "device 0 to start round 1",
+                   (bs, edges[0]))
     bs.send_signal(signal.SIGSTOP)  # no acks for now
     spool = fed.root / "spool" / fed.devices[0]
     try:
