@@ -7,16 +7,20 @@ so that BLAS can multiply them exactly (``edge.gemm``).
 
 Two kinds of tensors, following Kim et al. (ICC 2022):
 
-- Weights and biases live on a fixed grid: clipped to [-1, 1], step
-  ``2**-(n-1)``, integers in ``[-2**(n-1), 2**(n-1) - 1]`` (two's complement,
-  so the largest weight is ``1 - step``). ``n = 1`` is the sign: ``q`` in
-  ``{-1, +1}`` with exponent 0.
+- Weights and biases live on a fixed grid per layer: clipped to the layer's
+  range ``[-2**k, 2**k]`` (:func:`weight_range_exponent`, k <= 0 from the
+  layer's fan-in), step ``2**(k-(n-1))``, integers in
+  ``[-2**(n-1), 2**(n-1) - 1]`` (two's complement, so the largest weight is
+  ``2**k - step``). ``n = 1`` is the sign: ``q`` in ``{-1, +1}`` with
+  exponent k. Kim et al.'s grid is the case k = 0.
 - Activations and backward errors get a dynamic exponent per tensor: the
   smallest that brings the largest magnitude to at most ``2**(n-1)`` (only
   values in the top half step saturate, to ``2**(n-1) - 1``). Tensors without
   negative values (ReLU outputs, image data) are unsigned n-bit, 0 to
   ``2**n - 1``; signed tensors use at least 2 bits (a 1-bit two's complement
-  number holds only -1 and 0). See :func:`requantize`.
+  number holds only -1 and 0). Forward activations with both signs (after a
+  leaky ReLU) may instead use an asymmetric n-bit range ``[lo, lo + 2**n - 1]``
+  (unsigned codes with zero point ``-lo``). See :func:`requantize`.
 
 Rounding is to nearest (ties to even) or stochastic (unbiased): weights take
 their updates with stochastic rounding (:func:`update_weights`), backward
@@ -77,22 +81,46 @@ def carrier_dtype(bits: int) -> type[np.floating]:
 
 
 # ---------------------------------------------------------------------------
-# Weights: fixed grid in [-1, 1]
+# Weights: a fixed grid per layer, in [-2**k, 2**k]
+
+WEIGHT_RANGE_SIGMAS = 2.0
+"""A layer's weight range covers this many standard deviations of its He initialisation."""
 
 
-def weight_exponent(bits: int) -> int:
-    """Exponent of the weight grid: ``-(bits - 1)``, or 0 for the sign (bits = 1)."""
-    return 0 if bits == 1 else -(bits - 1)
+def weight_range_exponent(fan_in: int) -> int:
+    """``k`` of a layer's weight range ``[-2**k, 2**k]``: the smallest power of two at least
+    ``WEIGHT_RANGE_SIGMAS * sqrt(2 / fan_in)`` (two He standard deviations), capped at 1 (k <= 0).
+
+    The range depends on the architecture only (not on n, data or training), so
+    every device and the basestation derive the same grids without sending them.
+
+        >>> weight_range_exponent(64), weight_range_exponent(784), weight_range_exponent(9)
+        (-1, -3, 0)
+    """
+    if isinstance(fan_in, bool) or not isinstance(fan_in, (int, np.integer)) or fan_in < 1:
+        raise ValueError(f"fan_in must be a positive integer, got {fan_in!r}")
+    # 4 * 2 / fan_in = target**2: compare powers of four exactly instead of taking a float log
+    square = WEIGHT_RANGE_SIGMAS**2 * 2.0 / int(fan_in)
+    k = 0
+    while k > -60 and 4.0 ** (k - 1) >= square:
+        k -= 1
+    return k
 
 
-def weight_step(bits: int) -> float:
-    """Distance between neighbouring weights on the grid: ``2**-(bits-1)`` (2 for the sign grid)."""
-    return 2.0 if bits == 1 else 2.0 ** -(bits - 1)
+def weight_exponent(bits: int, range_exponent: int = 0) -> int:
+    """Exponent of the weight grid of range ``2**range_exponent``: ``range_exponent - (bits - 1)``
+    (the sign grid, bits = 1: ``range_exponent``)."""
+    return range_exponent if bits == 1 else range_exponent - (bits - 1)
 
 
-def weight_scale(bits: int) -> float:
-    """Real value of grid integer 1: ``2**weight_exponent(bits)``."""
-    return 2.0 ** weight_exponent(bits)
+def weight_step(bits: int, range_exponent: int = 0) -> float:
+    """Distance between neighbouring weights on the grid: ``2**(k - (bits-1))`` (``2**(k+1)`` for the sign grid)."""
+    return 2.0 ** (range_exponent + 1) if bits == 1 else 2.0 ** weight_exponent(bits, range_exponent)
+
+
+def weight_scale(bits: int, range_exponent: int = 0) -> float:
+    """Real value of grid integer 1: ``2**weight_exponent(bits, range_exponent)``."""
+    return 2.0 ** weight_exponent(bits, range_exponent)
 
 
 def weight_limits(bits: int) -> tuple[int, int]:
@@ -104,7 +132,8 @@ def quantize_weights(w: np.ndarray, bits: int, rounding: Rounding = "nearest",
                      rng: np.random.Generator | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Integers of the weight grid closest to ``w`` (or stochastically rounded), saturating outside it.
 
-    Returns the integers in :func:`carrier_dtype` (into ``out`` if given); the
+    ``w`` is in units of the grid's range (real value over ``2**k``, see
+    :func:`weight_range_exponent`), so the grid is [-1, 1) whatever the layer. Returns the integers in :func:`carrier_dtype` (into ``out`` if given); the
     real values are ``q * 2**weight_exponent(bits)``.
 
         >>> quantize_weights(np.array([0.2, -0.2, 0.0]), bits=1).tolist()
@@ -128,7 +157,11 @@ def quantize_weights(w: np.ndarray, bits: int, rounding: Rounding = "nearest",
 
 
 def update_weights(q: np.ndarray, delta: np.ndarray, bits: int, rng: RandomSource, scale: float = 1.0) -> None:
-    """Add the real-valued ``scale * delta`` to the grid integers ``q`` in place, with stochastic rounding.
+    """Add ``scale * delta`` to the grid integers ``q`` in place, with stochastic rounding.
+
+    ``scale * delta`` is in units of the grid's range (as the input of
+    :func:`quantize_weights`); ``scale`` is a number or an array like ``q``
+    (a network passes ``lr * 2**-k`` per element, k of the weight's layer).
 
     Each weight lands on one of the two grid points around ``w + scale * delta``,
     the upper one with probability equal to the fractional distance, so the
@@ -252,7 +285,7 @@ def scale_exponent(max_abs: float, t: int) -> int:
 
 
 def requantize(q: np.ndarray, exponent: int, bits: int, rounding: Rounding = "nearest",
-               rng: RandomSource | None = None, *, nonnegative: bool = False) -> Fixed:
+               rng: RandomSource | None = None, *, nonnegative: bool = False, asymmetric: bool = False) -> Fixed:
     """Put the tensor ``q * 2**exponent`` onto a ``bits``-bit grid with a dynamic power-of-two scale.
 
     ``q`` is any float array (a wide accumulator, or real values with exponent
@@ -263,6 +296,9 @@ def requantize(q: np.ndarray, exponent: int, bits: int, rounding: Rounding = "ne
     stored unsigned. ``nonnegative=True`` promises that and saves a pass.
     Returns new integers (at least :func:`carrier_dtype` wide), their exponent
     and ``2**t``, a bound on their magnitude.
+
+    ``asymmetric=True`` (round to nearest only) stores a tensor with both
+    signs as n-bit unsigned codes with a zero point, see :func:`asymmetric_range`.
 
         >>> x = requantize(np.array([0.5, -3.0, 12.0], dtype=np.float32), 0, bits=4)
         >>> x.q.tolist(), x.exponent, x.bound
@@ -276,6 +312,8 @@ def requantize(q: np.ndarray, exponent: int, bits: int, rounding: Rounding = "ne
     # behind max()/min() on the small tensors of a training step. Both pick a NaN if any.
     largest = q.item(q.argmax())
     smallest = 0.0 if nonnegative else q.item(q.argmin())
+    if asymmetric and smallest < 0.0:
+        return _requantize_asymmetric(q, exponent, bits, largest, smallest)
     # dynamic_format() inlined: this runs several times per training step
     t = bits if smallest >= 0.0 else (bits if bits > 1 else 2) - 1
     limit = (1 << t) - 1
@@ -302,6 +340,41 @@ def requantize(q: np.ndarray, exponent: int, bits: int, rounding: Rounding = "ne
     if overflow:
         np.minimum(scaled, limit, out=scaled)
     return Fixed(scaled, exponent + shift, 1 << t)
+
+
+def asymmetric_range(largest: float, smallest: float, bits: int) -> tuple[int, int, int]:
+    """``(shift, lo, hi)`` of the asymmetric n-bit grid for a tensor spanning ``[smallest, largest]`` (smallest < 0).
+
+    The integers are ``q = round(x * 2**-shift)`` clipped to ``[lo, hi]``, with
+    ``hi - lo = 2**n - 1``: stored as unsigned n-bit codes ``q - lo`` with zero
+    point ``-lo`` (the real value is ``(code - zero_point) * 2**exponent``).
+    ``shift`` is the smallest exponent that brings the span to at most
+    ``2**n - 1`` steps and ``lo = round(smallest * 2**-shift)``, so only a
+    rounding tie at the top saturates. A leaky ReLU output (slope 1/8) keeps
+    about 7/8 of the codes for its positive part instead of half.
+
+        >>> asymmetric_range(7.0, -1.0, bits=4)   # step 1: codes 0..15 hold -1..14
+        (0, -1, 14)
+        >>> asymmetric_range(1.0, -0.125, bits=2)   # step 1/2: -0.125 rounds to 0, codes hold 0..3
+        (-1, 0, 3)
+    """
+    span = largest - smallest
+    shift = scale_exponent(span, bits)
+    top = (1 << bits) - 1
+    if math.ldexp(span, -shift) > top:
+        shift += 1
+    lo = round(math.ldexp(smallest, -shift))
+    return shift, lo, lo + top
+
+
+def _requantize_asymmetric(q: np.ndarray, exponent: int, bits: int, largest: float, smallest: float) -> Fixed:
+    if not math.isfinite(largest - smallest):
+        scale_exponent(float("nan"), bits)  # raises the diverged-training error
+    shift, lo, hi = asymmetric_range(largest, smallest, bits)
+    scaled = np.multiply(q, power_of_two(-shift, q.dtype)) if shift else q.copy()
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, lo, hi, out=scaled)
+    return Fixed(scaled, exponent + shift, max(-lo, hi))
 
 
 def stochastic_round(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from edge.fixedpoint import FLOAT_BITS, Fixed, RandomSource, Rounding, power_of_two, requantize, weight_exponent
+from edge.fixedpoint import FLOAT_BITS, Fixed, RandomSource, Rounding, power_of_two, requantize
 from edge.gemm import accumulate, product_bound
 
 
@@ -36,14 +36,16 @@ class Numerics:
         """Switch to ``bits`` (1..32)."""
         self.bits = bits
         self.exact = bits < FLOAT_BITS
-        self.weight_exponent = weight_exponent(bits) if self.exact else 0
         self.weight_bound = 1 if bits == 1 else 1 << (bits - 1)  # largest |integer| on the weight grid
 
     def activations(self, x: Fixed, nonnegative: bool = False) -> Fixed:
-        """``x`` on the n-bit grid, rounded to nearest (as it is at 32 bits or when already on a grid)."""
+        """``x`` on the n-bit grid, rounded to nearest (as it is at 32 bits or when already on a grid).
+
+        Unsigned if it has no negative value, else asymmetric (unsigned codes with a zero point).
+        """
         if not self.exact or x.bound:
             return x
-        return requantize(x.q, x.exponent, self.bits, "nearest", nonnegative=nonnegative)
+        return requantize(x.q, x.exponent, self.bits, "nearest", nonnegative=nonnegative, asymmetric=True)
 
     def errors(self, g: Fixed) -> Fixed:
         """A backward error on the n-bit grid, rounded as configured (identity at 32 bits)."""
@@ -79,6 +81,8 @@ class Parametric(Layer):
     """A layer with a weight and a bias bound as views into the network's flat buffers."""
 
     nonnegative_input = False
+    weight_exponent = 0
+    """Exponent of this layer's weight and bias grid (set by the network; 0 at 32 bits)."""
 
     def bind(self, values: list[np.ndarray], grads: list[np.ndarray], halves: list[np.ndarray]) -> None:
         """Use ``values`` (weight, bias) as parameters and write gradients into ``grads``.
@@ -91,7 +95,7 @@ class Parametric(Layer):
         self.half_w, self.half_b = halves[0].reshape(len(halves[0]), -1), halves[1]
 
     def _bias_added(self, acc: np.ndarray, x_exponent: int) -> np.ndarray:
-        # The bias lives at exponent e_w, the accumulator at e_x + e_w.
+        # The bias lives at the weights' exponent e_w, the accumulator at e_x + e_w.
         acc += self.b * power_of_two(-x_exponent, self.b.dtype) if x_exponent else self.b
         return acc
 
@@ -141,7 +145,7 @@ class Dense(Parametric):
             self._x = x
         bound = nm.aligned_bound(product_bound(self.inputs, x.bound, nm.weight_bound), x.exponent)
         acc = nm.matmul(x.q, self.w, bound)
-        return Fixed(self._bias_added(acc, x.exponent), x.exponent + nm.weight_exponent)
+        return Fixed(self._bias_added(acc, x.exponent), x.exponent + self.weight_exponent)
 
     def backward(self, g: Fixed, need_input_grad: bool = True, split: int | None = None) -> Fixed | None:
         nm = self.numerics
@@ -151,7 +155,7 @@ class Dense(Parametric):
         if not need_input_grad:
             return None
         bound = product_bound(self.units, g.bound, nm.weight_bound)
-        return Fixed(nm.matmul(g.q, self.w.T, bound), g.exponent + nm.weight_exponent)
+        return Fixed(nm.matmul(g.q, self.w.T, bound), g.exponent + self.weight_exponent)
 
     def __repr__(self) -> str:
         return f"Dense({self.inputs} -> {self.units})"
@@ -199,7 +203,7 @@ class Conv2D(Parametric):
             self._cols, self._x = cols, x
         bound = nm.aligned_bound(product_bound(self.patch, x.bound, nm.weight_bound), x.exponent)
         acc = self._bias_added(nm.matmul(cols, kernel, bound), x.exponent)
-        return Fixed(acc.reshape(batch, *self.out_hw, self.filters), x.exponent + nm.weight_exponent)
+        return Fixed(acc.reshape(batch, *self.out_hw, self.filters), x.exponent + self.weight_exponent)
 
     def backward(self, g: Fixed, need_input_grad: bool = True, split: int | None = None) -> Fixed | None:
         nm = self.numerics
@@ -218,7 +222,7 @@ class Conv2D(Parametric):
         flipped = self.w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (k*k*F, C)
         bound = product_bound(k * k * f, g.bound, nm.weight_bound)
         dx = nm.matmul(_patches(stuffed, k, 1), flipped, bound)
-        return Fixed(dx.reshape(batch, h, w, c), g.exponent + nm.weight_exponent)
+        return Fixed(dx.reshape(batch, h, w, c), g.exponent + self.weight_exponent)
 
     def _grads_into(self, left: np.ndarray, right: np.ndarray, errors: np.ndarray, w_exponent: int,
                     g_exponent: int, term_bound: int, out_w: np.ndarray, out_b: np.ndarray) -> None:

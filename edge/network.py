@@ -4,19 +4,26 @@
     >>> net = Network(get_architecture("mlp"), bits=8, seed=0)
     >>> net.predict(np.zeros((2, 64), np.float32)).shape
     (2, 10)
-    >>> float(net.get_weights()["0.weight"][0, 0] * 2**7).is_integer()   # on the 8-bit grid
+    >>> net.exponents["0.weight"]     # range 2**-1 for fan-in 64, step 2**(-1 - 7)
+    -8
+    >>> float(net.get_weights()["0.weight"][0, 0] * 2**8).is_integer()   # on the layer's 8-bit grid
     True
 
 Training modes, for ``bits < 32`` (at 32 bits both are plain float32):
 
+Every Dense or Conv2D layer has its own power-of-two weight range
+``[-2**k, 2**k]`` from its fan-in (``edge.fixedpoint.weight_range_exponent``),
+so its grid step is ``2**(k - (n-1))``; :attr:`Network.exponents` gives the
+resulting exponent per parameter (real value = integer * 2**exponent).
+
 - ``"int"`` (default): the network's only state is the n-bit integers of the
-  weight grid, no float copy; updates are added with stochastic rounding
+  weight grids, no float copy; updates are added with stochastic rounding
   (``edge.fixedpoint.update_weights``) so updates smaller than a step still
   move weights in expectation.
 - ``"master"``: a float master copy takes the updates and is clipped to
-  [-1, 1]; forward and backward passes use its nearest grid point, and the
-  gradient with respect to the grid point is applied to the master
-  (straight-through estimator), as Kim et al. simulated.
+  the layer's range; forward and backward passes use its nearest grid point,
+  and the gradient with respect to the grid point is applied to the master
+  (straight-through estimator, as in fake-quantization training).
 
 ``get_weights`` returns the trainable state: the grid values (int mode) or the
 master copy (master mode; ``quantized=True`` gives its grid values).
@@ -40,6 +47,8 @@ from edge.fixedpoint import (
     quantize_weights,
     requantize,
     update_weights,
+    weight_exponent,
+    weight_range_exponent,
     weight_scale,
 )
 from edge.layers import (
@@ -90,6 +99,13 @@ class Network:
             for suffix, shape in layer.param_shapes:
                 self.param_shapes[f"{index}.{suffix}"] = shape
         self.size = sum(int(np.prod(shape)) for shape in self.param_shapes.values())
+        self.range_exponents = [weight_range_exponent(layer.fan_in) for layer in self._params]
+        ranges = []
+        for layer, k in zip(self._params, self.range_exponents):
+            ranges += [np.full(int(np.prod(shape)), 2.0**k) for _, shape in layer.param_shapes]
+        self._range = np.concatenate(ranges)  # 2**k of each parameter's layer, float64
+        self._inv_range = 1.0 / self._range  # exact: powers of two
+        self._scaled_range: tuple[float, np.ndarray] | None = None  # cache of (scale, scale / range)
         self.grad = np.zeros(self.size, dtype=float_dtype)
         self.grad_half = np.zeros(self.size, dtype=float_dtype)
         self._load(self._initial_values(), rounding="stochastic")
@@ -108,6 +124,28 @@ class Network:
         self.numerics.set_bits(self._bits)
         self._load(values, rounding="nearest")
 
+    @property
+    def exponents(self) -> dict[str, int]:
+        """Exponent of each parameter's grid by name ("0.weight", "0.bias", ...): real value = integer * 2**exponent.
+
+        Weight and bias of a layer share it, ``k - (n-1)`` for the layer's range
+        ``2**k`` (``k`` at n = 1). Empty at 32 bits (plain float32). The one
+        place the per-layer scale is defined; exporters read it from here.
+        """
+        if self._bits == FLOAT_BITS:
+            return {}
+        out = {}
+        for layer, k in zip(self._params, self.range_exponents):
+            for suffix, _ in layer.param_shapes:
+                out[f"{self.layers.index(layer)}.{suffix}"] = weight_exponent(self._bits, k)
+        return out
+
+    def get_integers(self) -> dict[str, np.ndarray]:
+        """The grid integers by name (int32; n < 32 only): ``get_weights(quantized=True)[name] == q * 2**exponents[name]``."""
+        if self._bits == FLOAT_BITS:
+            raise ValueError("a float32 network (bits = 32) has no integer grid")
+        return {name: value.astype(np.int32) for name, value in zip(self.param_shapes, self._views(self._q))}
+
     # -- weights ---------------------------------------------------------------
 
     def get_weights(self, quantized: bool = False) -> dict[str, np.ndarray]:
@@ -116,7 +154,7 @@ class Network:
         In master mode the master copy, unless ``quantized`` (then the grid values the passes use).
         """
         if quantized and self._master is not None:
-            return self._split(self._q * weight_scale(self._bits))
+            return self._split(self._q * self._unit)
         return self._split(self._state_values())
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
@@ -209,10 +247,13 @@ class Network:
             self._q += update * scale if scale != 1.0 else update
         elif self._master is not None:
             self._master += update * scale if scale != 1.0 else update
-            np.clip(self._master, -1.0, 1.0, out=self._master)
-            quantize_weights(self._master, self._bits, out=self._q)
+            np.clip(self._master, self._master_low, self._master_high, out=self._master)
+            quantize_weights(self._master * self._master_inv, self._bits, out=self._q)
         else:
-            update_weights(self._q, update, self._bits, self._uniform, scale)
+            cached = self._scaled_range
+            if cached is None or cached[0] != scale:
+                cached = self._scaled_range = (scale, (self._inv_range * scale).astype(self._q.dtype))
+            update_weights(self._q, update, self._bits, self._uniform, cached[1])
 
     def snapshot(self) -> np.ndarray:
         """A copy of the trainable state, for :meth:`delta_since`."""
@@ -224,7 +265,7 @@ class Network:
             return self._split(self._master - snapshot)
         diff = self._q - snapshot
         if self._bits != FLOAT_BITS:
-            diff *= weight_scale(self._bits)
+            diff *= self._unit
         return self._split(diff)
 
     # -- internals ---------------------------------------------------------------
@@ -250,21 +291,28 @@ class Network:
             return self._master.astype(np.float64)
         if self._bits == FLOAT_BITS:
             return self._q.astype(np.float64)
-        return self._q * weight_scale(self._bits)
+        return self._q * self._unit
 
     def _load(self, values: np.ndarray, rounding: Rounding) -> None:
         """Set the state from real values at the current precision and rebind the layers' views."""
         bits = self._bits
         self._master = None
+        self._scaled_range = None
         if bits == FLOAT_BITS:
             self._q = values.astype(self._float_dtype)
         elif self.mode == "master":
-            self._master = np.clip(values, -1.0, 1.0).astype(carrier_dtype(bits))
-            self._q = quantize_weights(self._master, bits)
+            dtype = carrier_dtype(bits)
+            self._master_low, self._master_high = (-self._range).astype(dtype), self._range.astype(dtype)
+            self._master_inv = self._inv_range.astype(dtype)
+            self._master = np.clip(values, -self._range, self._range).astype(dtype)
+            self._q = quantize_weights(self._master * self._master_inv, bits)
         else:
-            self._q = quantize_weights(values, bits, rounding, self.rng)
+            self._q = quantize_weights(values * self._inv_range, bits, rounding, self.rng)
+        if bits != FLOAT_BITS:
+            self._unit = self._range * weight_scale(bits)  # real value of integer 1, per parameter
         views = self._views(self._q), self._views(self.grad), self._views(self.grad_half)
         for i, layer in enumerate(self._params):
+            layer.weight_exponent = 0 if bits == FLOAT_BITS else weight_exponent(bits, self.range_exponents[i])
             layer.bind(views[0][2 * i:2 * i + 2], views[1][2 * i:2 * i + 2], views[2][2 * i:2 * i + 2])
 
     def _views(self, flat: np.ndarray) -> list[np.ndarray]:

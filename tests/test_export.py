@@ -78,14 +78,15 @@ def test_float32_export_matches_the_engine(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_8_bit_export_holds_the_grid_and_computes_in_float(name: str, tmp_path: Path) -> None:
     arch = get_architecture(name)
-    weights = Network(arch, bits=8, seed=4).get_weights()
+    net = Network(arch, bits=8, seed=4)
+    weights = net.get_weights()
     path = export_onnx(arch, weights, tmp_path / f"{name}.onnx")
 
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
     assert stored.keys() == weights.keys()
     for key, value in weights.items():
         np.testing.assert_array_equal(stored[key], value)
-        q = stored[key] * 2.0 ** 7
+        q = stored[key] * 2.0 ** -net.exponents[key]  # the layer's own 8-bit grid
         assert np.array_equal(q, np.round(q)) and q.min() >= -128 and q.max() <= 127, key
 
     x = seeded_batch(arch)

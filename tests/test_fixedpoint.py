@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edge.fixedpoint import (
+    asymmetric_range,
     UniformPool,
     carrier_dtype,
     check_bits,
@@ -20,6 +21,7 @@ from edge.fixedpoint import (
     update_weights,
     weight_exponent,
     weight_limits,
+    weight_range_exponent,
     weight_scale,
     weight_step,
 )
@@ -284,3 +286,58 @@ def test_pure_numeric_modules_pass_their_doctests() -> None:
     for module in (edge.fixedpoint, edge.gemm):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+# -- per-layer weight range and asymmetric activations ----------------------------
+
+
+def test_weight_range_is_the_smallest_power_of_two_above_two_he_deviations() -> None:
+    for fan_in in range(1, 5000):
+        k = weight_range_exponent(fan_in)
+        target = 2.0 * math.sqrt(2.0 / fan_in)
+        assert k <= 0 and isinstance(k, int)
+        assert 2.0**k >= min(target, 1.0) - 1e-12 and (k == 0 or 2.0 ** (k - 1) < target), fan_in
+    assert weight_range_exponent(32) == -1  # 2 * sqrt(2/32) = 1/2 exactly: no rounding up
+    with pytest.raises(ValueError, match="fan_in"):
+        weight_range_exponent(0)
+
+
+def test_network_exponents_describe_the_grid_integers() -> None:
+    from edge.network import Network
+    from models import get_architecture
+
+    for bits in (1, 2, 4, 8, 12):
+        net = Network(get_architecture("cnn-mnist"), bits=bits, seed=0)
+        values, ints = net.get_weights(), net.get_integers()
+        lo, hi = weight_limits(bits)
+        for name, e in net.exponents.items():
+            np.testing.assert_array_equal(ints[name] * 2.0**e, values[name])
+            assert ints[name].min() >= lo and ints[name].max() <= hi
+        # conv 1 (fan-in 9): range 1; conv 2 (72): 1/2; dense (784): 1/8
+        assert [net.exponents[n] for n in ("0.weight", "3.weight", "7.weight")] == [
+            weight_exponent(bits, k) for k in (0, -1, -3)]
+    assert Network(get_architecture("mlp"), bits=32).exponents == {}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_asymmetric_activations_use_all_codes_and_round_to_nearest(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    for _ in range(200):
+        x = rng.normal(size=50) * rng.uniform(0.01, 100)
+        x = np.maximum(x, x * 0.125)  # a leaky ReLU output
+        if x.min() >= 0:
+            continue
+        f = requantize(x, 0, bits, asymmetric=True)
+        shift, lo, hi = asymmetric_range(float(x.max()), float(x.min()), bits)
+        assert f.exponent == shift and hi - lo == 2**bits - 1 and lo <= 0 <= hi
+        assert f.q.min() >= lo and f.q.max() <= hi and f.bound == max(-lo, hi)
+        step = 2.0**f.exponent
+        err = np.abs(f.q * step - x)
+        assert err.max() <= step * (0.5 + 1e-9) + (step if bits == 1 else 0.0)
+        if bits > 1:  # never coarser than the signed grid of the same bits (that one has 2 bits at n = 1)
+            assert f.exponent <= requantize(x, 0, bits).exponent
+
+
+def test_asymmetric_requantize_reports_divergence() -> None:
+    with pytest.raises(FloatingPointError, match="diverged"):
+        requantize(np.array([-1.0, np.inf]), 0, 4, asymmetric=True)

@@ -107,13 +107,14 @@ def test_quantized_conv2d_is_exact_integer_arithmetic() -> None:
     b_int = rng.integers(-128, 128, 3).astype(np.float32)
     zeros = [np.zeros_like(w_int), np.zeros_like(b_int)]
     layer.bind([w_int, b_int], zeros, [z.copy() for z in zeros])
+    layer.weight_exponent = weight_exponent(8, -1)  # a layer range of 2**-1
     x = rng.normal(size=(4, 6, 6, 2)).astype(np.float32)
     out = layer.forward(Fixed(x, 0), False)
-    xq = requantize(x, 0, 8)
+    xq = requantize(x, 0, 8, asymmetric=True)  # a signed input: asymmetric codes
     # integer reference: accumulator plus the bias moved to the accumulator's exponent
     ref = reference_conv(xq.q.transpose(0, 3, 1, 2).astype(np.int64), w_int.astype(np.int64),
                          b_int.astype(np.int64) * 2 ** -xq.exponent, 1, 1)
-    assert out.exponent == xq.exponent + weight_exponent(8)
+    assert out.exponent == xq.exponent + weight_exponent(8, -1) == xq.exponent - 8
     assert out.q.transpose(0, 3, 1, 2).astype(np.int64).tolist() == ref.tolist()
 
 
@@ -125,9 +126,10 @@ def test_quantized_dense_forward_and_backward_are_exact_products() -> None:
     b_int = rng.integers(-32, 32, 7).astype(np.float32)
     grads = [np.zeros_like(w_int), np.zeros_like(b_int)]
     layer.bind([w_int, b_int], grads, [np.zeros_like(w_int), np.zeros_like(b_int)])
+    layer.weight_exponent = weight_exponent(6, -2)
     x = rng.normal(size=(9, 20)).astype(np.float32)
     out = layer.forward(Fixed(x, 0), True)
-    xq = requantize(x, 0, 6)
+    xq = requantize(x, 0, 6, asymmetric=True)
     x_int, w64 = xq.q.astype(np.int64), w_int.astype(np.int64)
     bias = b_int.astype(np.int64) * 2 ** -xq.exponent
     assert out.q.astype(np.int64).tolist() == (int_matmul(x_int, w64) + bias).tolist()
@@ -138,7 +140,7 @@ def test_quantized_dense_forward_and_backward_are_exact_products() -> None:
     expected_w = int_matmul(x_int.T.copy(), g_int) * 2.0 ** (xq.exponent + gq.exponent)
     np.testing.assert_array_equal(grads[0], expected_w.astype(np.float32))
     np.testing.assert_array_equal(grads[1], (g_int.sum(axis=0) * 2.0**gq.exponent).astype(np.float32))
-    assert dx.exponent == gq.exponent + weight_exponent(6)
+    assert dx.exponent == gq.exponent + weight_exponent(6, -2)
     assert dx.q.astype(np.int64).tolist() == int_matmul(g_int, w64.T.copy()).tolist()
 
 

@@ -44,9 +44,10 @@ def test_weights_are_named_shaped_and_on_the_grid() -> None:
     weights = net.get_weights()
     assert list(weights) == ["0.weight", "0.bias", "3.weight", "3.bias", "7.weight", "7.bias"]
     assert weights["0.weight"].shape == (8, 1, 3, 3) and weights["7.weight"].shape == (64, 10)
-    for value in weights.values():
+    assert net.exponents == {"0.weight": -5, "0.bias": -5, "3.weight": -6, "3.bias": -6, "7.weight": -6, "7.bias": -6}
+    for name, value in weights.items():
         assert value.dtype == np.float32
-        q = value / weight_step(6)
+        q = value * 2.0 ** -net.exponents[name]  # ranges 1, 1/2, 1/2 for fan-ins 9, 72, 64
         np.testing.assert_array_equal(q, np.round(q))
         assert q.min() >= weight_limits(6)[0] and q.max() <= weight_limits(6)[1]
     weights["0.weight"][...] = 0.5  # a copy: the network does not change
@@ -56,9 +57,9 @@ def test_weights_are_named_shaped_and_on_the_grid() -> None:
 def test_set_weights_rounds_to_nearest_and_saturates() -> None:
     net = Network(get_architecture("mlp"), bits=4, seed=0)
     weights = net.get_weights()
-    weights["0.weight"][0, :4] = [0.3, -0.3, 7.0, 0.0624]
+    weights["0.weight"][0, :4] = [0.15, -0.15, 7.0, 0.0312]  # range 1/2, step 1/16
     net.set_weights(weights)
-    assert net.get_weights()["0.weight"][0, :4].tolist() == [0.25, -0.25, 0.875, 0.0]
+    assert net.get_weights()["0.weight"][0, :4].tolist() == [0.125, -0.125, 0.4375, 0.0]
     np.testing.assert_array_equal(net.get_weights()["2.bias"], weights["2.bias"])
 
 
@@ -97,7 +98,8 @@ def test_set_bits_requantizes() -> None:
     net.set_bits(4)
     w4 = net.get_weights()
     for name in w8:
-        expected = np.clip(np.rint(w8[name].astype(np.float64) * 8), -8, 7) / 8
+        step = 2.0 ** net.exponents[name]
+        expected = np.clip(np.rint(w8[name].astype(np.float64) / step), -8, 7) * step
         np.testing.assert_array_equal(w4[name], expected)
     net.set_bits(8)  # the 4-bit grid is part of the 8-bit grid: nothing changes
     assert all(np.array_equal(net.get_weights()[n], w4[n]) for n in w4)
@@ -133,7 +135,7 @@ def test_int_mode_delta_is_exact_and_on_the_grid(digits) -> None:  # type: ignor
     for name in before:
         assert res.delta[name].dtype == np.float32
         np.testing.assert_array_equal(res.delta[name], after[name] - before[name])
-        steps = res.delta[name] / weight_step(6)
+        steps = res.delta[name] * 2.0 ** -net.exponents[name]
         np.testing.assert_array_equal(steps, np.round(steps))
     assert any(np.any(d != 0) for d in res.delta.values())
 
@@ -147,7 +149,8 @@ def test_master_mode_keeps_a_float_copy_and_reports_its_change(digits) -> None: 
         np.testing.assert_allclose(res.delta[name], after[name] - before[name], atol=1e-7)
     grid = net.get_weights(quantized=True)
     for name, value in grid.items():
-        np.testing.assert_array_equal(value, np.clip(np.rint(after[name] * 8.0), -8, 7) / 8.0)
+        step = 2.0 ** net.exponents[name]
+        np.testing.assert_array_equal(value, np.clip(np.rint(after[name] / step), -8, 7) * step)
     small = [d for d in res.delta.values() if np.any((d != 0) & (np.abs(d) < weight_step(4) / 2))]
     assert small  # updates below half a step survive in the master copy
 
@@ -180,7 +183,8 @@ def test_very_low_precision_trains_without_failing(digits, bits: int) -> None:  
         loss, accuracy = evaluate(net, digits.x_test, digits.y_test)
         assert math.isfinite(loss) and 0.0 <= accuracy <= 1.0
         if bits == 1:
-            assert all(set(np.unique(v)) <= {-1.0, 1.0} for v in net.get_weights().values())
+            weights = net.get_weights()
+            assert all(set(np.unique(weights[n] * 2.0 ** -e)) <= {-1.0, 1.0} for n, e in net.exponents.items())
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow that is being reported

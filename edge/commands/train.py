@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_LR = 0.3  # converges on digits in 20 epochs at every precision from 4 bits up (docs/fixed-point.md)
+DEFAULT_LR = 0.03  # with momentum 0.9 (an effective step of 0.3), the same for every n (docs/fixed-point.md)
+DEFAULT_MOMENTUM = 0.9
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and rounding")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the train/test split")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="SGD learning rate")
-    parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum, 0 <= m < 1")
+    parser.add_argument("--momentum", type=float, default=DEFAULT_MOMENTUM, help="SGD momentum, 0 <= m < 1")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per SGD step")
     parser.add_argument("--error-rounding", choices=("stochastic", "nearest"), default="stochastic",
                         help="how backward errors are rounded onto the n-bit grid")
