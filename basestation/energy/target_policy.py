@@ -1,0 +1,225 @@
+"""The ``measured`` policy: least measured energy to the target accuracy, from learning curves and the meters.
+
+For every candidate setting s = (n, m, I) that the history holds curves of,
+the policy predicts the energy to target as
+
+    E_round(s) x R(s)
+
+- R(s): rounds to target from the empirical model fitted to the history's
+  curves (``basestation.energy.empirical``), never from the paper's bound;
+- E_round(s): the history's measured energy per round at s, calibrated to
+  this run: the above-idle train and uplink parts are scaled by the ratio of
+  what this run's meters measured to what the history predicted for the
+  settings this run has used (one factor per phase); the idle part is the
+  history's.
+
+Exploration is a one-step value-of-information decision: measuring a
+candidate for one round resolves the uncertainty of its calibrated energy
+per round (its spread across the history's seeds), not of its rounds. The
+expected saving is E[max(0, T_incumbent - T_s)] with T_s ~ Normal(predicted,
+spread); the cost is the round's extra energy over the incumbent's round. It
+explores a candidate only when the saving exceeds the cost, each candidate
+at most once and at most ``max_explore`` times in all; otherwise it holds
+the incumbent, and moves only when the best candidate is predicted to save
+more than ``hysteresis``. Every number of that reasoning is stored in the
+decision's inputs. Without a history it holds the configured setting.
+
+    >>> policy = EnergyToTargetPolicy(devices=["pi-0"], n=8, m=8, local_iters=5, devices_per_round=1)
+    >>> policy.decide(1, []).reason
+    'hold the configured setting: no learning-curve history to predict rounds from'
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from basestation.energy.empirical import Curve, CurveError, RoundsFit, fit_rounds, holdout_errors, load_curves
+from basestation.energy.records import EnergyRecord, RoundStats
+
+Setting3 = tuple[int, int, int]
+
+
+class EnergyToTargetPolicy:
+    """See the module docstring; ``history`` is a curves JSON path or a list of ``Curve``."""
+
+    name = "measured"
+
+    def __init__(self, *, devices: Sequence[str], n: int, m: int, local_iters: int, devices_per_round: int,
+                 history: str | Path | Sequence[Curve] | None = None, target_accuracy: float = 0.9,
+                 hysteresis: float = 0.05, max_explore: int = 3, **_: Any) -> None:
+        if not 0 <= hysteresis < 1:
+            raise ValueError(f"hysteresis must be a fraction in [0, 1), got {hysteresis!r}")
+        if not 0 < target_accuracy <= 1:
+            raise ValueError(f"target_accuracy must be in (0, 1], got {target_accuracy!r}")
+        self.devices = list(devices)
+        self.start: Setting3 = (int(n), int(m), int(local_iters))
+        self.devices_per_round = devices_per_round
+        self.target, self.hysteresis, self.max_explore = float(target_accuracy), float(hysteresis), int(max_explore)
+        try:
+            curves = load_curves(history) if isinstance(history, (str, Path)) else list(history or [])
+        except CurveError as exc:
+            raise ValueError(str(exc)) from None
+        self.curves = curves
+        self.fit: RoundsFit | None = None
+        self.model_error = 0.0
+        if curves:
+            try:
+                self.fit = fit_rounds(curves, self.target)
+            except CurveError:
+                self.fit = None
+        if self.fit is not None:
+            errors = [abs(r["relative_error"]) for r in holdout_errors(curves, self.target)
+                      if r["relative_error"] is not None]
+            self.model_error = float(np.median(errors)) if errors else 0.0
+        self._per_round = self._history_energy(curves)
+        self.incumbent: Setting3 | None = None
+        self.explored: list[Setting3] = []
+        self.last_calibration = None  # the service stores a calibration when a policy has one; this one has none
+
+    def __repr__(self) -> str:
+        return f"EnergyToTargetPolicy(curves={len(self.curves)}, incumbent={self.incumbent})"
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def resume(self, previous: Any) -> None:
+        """Restore incumbent and explored settings from the last stored decision."""
+        state = getattr(previous, "state", None) or {}
+        if state.get("incumbent"):
+            self.incumbent = tuple(state["incumbent"])  # type: ignore[assignment]
+        self.explored = [tuple(s) for s in state.get("explored", [])]  # type: ignore[misc]
+
+    def _state(self) -> dict[str, Any]:
+        return {"incumbent": list(self.incumbent) if self.incumbent else None,
+                "explored": [list(s) for s in self.explored]}
+
+    # -- deciding -------------------------------------------------------------------------------------------
+    def decide(self, round: int, records: Sequence[EnergyRecord], stats: Sequence[RoundStats] = ()) -> Any:
+        """The setting of ``round``; see the module docstring."""
+        if self.fit is None or not self._per_round:
+            why = ("no learning-curve history to predict rounds from" if not self.curves else
+                   f"no history curve reached the target {self.target}")
+            return self._decision(round, self.start, f"hold the configured setting: {why}",
+                                  {"round": round, "records": len(records), "history_curves": len(self.curves)})
+        factors = self._calibration(records)
+        table = self._predictions(factors)
+        inputs: dict[str, Any] = {"round": round, "records": len(records), "history_curves": len(self.curves),
+                                  "rounds_model": self.fit.to_dict(), "rounds_model_holdout_error": self.model_error,
+                                  "calibration": factors, "hysteresis": self.hysteresis,
+                                  "candidates": [{"n": s[0], "m": s[1], "I": s[2], **v} for s, v in
+                                                 sorted(table.items(), key=lambda kv: kv[1]["energy_to_target_j"])]}
+        feasible = {s: v for s, v in table.items() if math.isfinite(v["energy_to_target_j"])}
+        if not feasible:
+            return self._decision(round, self.incumbent or self.start,
+                                  "hold: no candidate is predicted to reach the target", inputs)
+        best = min(feasible, key=lambda s: feasible[s]["energy_to_target_j"])
+        if self.incumbent is None or self.incumbent not in feasible:
+            self.incumbent = best
+            reason = "adopt the predicted optimum"
+        else:
+            current = feasible[self.incumbent]["energy_to_target_j"]
+            saving = 1.0 - feasible[best]["energy_to_target_j"] / current
+            inputs["best_saving"] = saving
+            if best != self.incumbent and saving > self.hysteresis:
+                self.incumbent = best
+                reason = f"switch: the predicted optimum saves {saving:.1%} (> {self.hysteresis:.0%})"
+            else:
+                reason = (f"hold: the best other candidate would save {saving:.1%} (a switch needs "
+                          f"> {self.hysteresis:.0%})") if best != self.incumbent else "hold: still the optimum"
+        target = self._exploration(feasible, records, inputs)
+        if target is not None:
+            self.explored.append(target)
+            return self._decision(round, target, f"explore n={target[0]} m={target[1]} I={target[2]} for one "
+                                  f"round: expected saving beats its cost ({reason})", inputs, explore=True)
+        return self._decision(round, self.incumbent, reason, inputs)
+
+    def _exploration(self, feasible: dict[Setting3, dict[str, float]], records: Sequence[EnergyRecord],
+                     inputs: dict[str, Any]) -> Setting3 | None:
+        """The candidate whose one-round measurement is worth more than it costs, if any."""
+        measured = {(r.n, r.m, r.local_iters) for r in records}
+        inc = feasible[self.incumbent]
+        options = []
+        for s, v in feasible.items():
+            if s == self.incumbent or s in self.explored or s in measured:
+                continue
+            mu, sd = v["energy_to_target_j"], v["energy_to_target_j"] * v["energy_spread"]
+            gain = _expected_improvement(inc["energy_to_target_j"], mu, sd)
+            cost = max(0.0, v["energy_per_round_j"] - inc["energy_per_round_j"])
+            options.append({"n": s[0], "m": s[1], "I": s[2], "expected_saving_j": gain, "cost_j": cost})
+        options.sort(key=lambda o: o["cost_j"] - o["expected_saving_j"])
+        inputs["exploration"] = {"budget_left": self.max_explore - len(self.explored), "options": options[:5]}
+        if len(self.explored) >= self.max_explore or not options:
+            return None
+        top = options[0]
+        if top["expected_saving_j"] > top["cost_j"]:
+            return top["n"], top["m"], top["I"]
+        return None
+
+    def _calibration(self, records: Sequence[EnergyRecord]) -> dict[str, Any]:
+        """Measured / history above-idle energy per phase, over the settings this run has used."""
+        totals = {"train": [0.0, 0.0], "uplink": [0.0, 0.0]}
+        sums: dict[tuple[int, Setting3], list[float]] = {}
+        for r in records:
+            key = (r.round, (r.n, r.m, r.local_iters))
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0] += r.train_j
+            acc[1] += r.uplink_j
+        rounds_used = 0
+        for (_, s), (train, uplink) in sums.items():
+            hist = self._per_round.get(s)
+            if hist is None:
+                continue
+            rounds_used += 1
+            totals["train"][0] += train
+            totals["train"][1] += hist["train_j"]
+            totals["uplink"][0] += uplink
+            totals["uplink"][1] += hist["uplink_j"]
+        factor = {phase: (m / h if rounds_used and h > 0 and m > 0 else 1.0) for phase, (m, h) in totals.items()}
+        return {"rounds_used": rounds_used, "train_factor": factor["train"], "uplink_factor": factor["uplink"]}
+
+    def _predictions(self, factors: dict[str, Any]) -> dict[Setting3, dict[str, float]]:
+        out = {}
+        for s, h in self._per_round.items():
+            per_round = h["idle_j"] + factors["train_factor"] * h["train_j"] + factors["uplink_factor"] * h["uplink_j"]
+            rounds = self.fit.predict(*s)
+            out[s] = {"energy_per_round_j": per_round, "predicted_rounds": rounds if math.isfinite(rounds) else None,
+                      "energy_to_target_j": per_round * rounds if math.isfinite(rounds) else math.inf,
+                      "energy_spread": h["spread"]}
+        return out
+
+    @staticmethod
+    def _history_energy(curves: Sequence[Curve]) -> dict[Setting3, dict[str, float]]:
+        """Per setting: mean energy per round (total, train, uplink above idle, the rest) and its seed spread."""
+        groups: dict[Setting3, list[Curve]] = {}
+        for c in curves:
+            if c.energy_j:
+                groups.setdefault(c.setting, []).append(c)
+        out = {}
+        for s, cs in groups.items():
+            totals = [float(np.mean(c.energy_j)) for c in cs]
+            train = float(np.mean([np.mean(c.train_j) if c.train_j else 0.0 for c in cs]))
+            uplink = float(np.mean([np.mean(c.uplink_j) if c.uplink_j else 0.0 for c in cs]))
+            total = float(np.mean(totals))
+            spread = float(np.std(totals) / total) if len(totals) > 1 and total > 0 else 0.1
+            out[s] = {"energy_j": total, "train_j": train, "uplink_j": uplink,
+                      "idle_j": max(total - train - uplink, 0.0), "spread": spread}
+        return out
+
+    def _decision(self, round: int, s: Setting3, reason: str, inputs: dict[str, Any], *, explore: bool = False):
+        from basestation.energy.policies import Decision, _json_safe
+
+        return Decision(round=round, policy=self.name, n=int(s[0]), m=int(s[1]), local_iters=int(s[2]),
+                        devices_per_round=self.devices_per_round, reason=reason, inputs=_json_safe(inputs),
+                        explore=explore, state=_json_safe(self._state()))
+
+
+def _expected_improvement(incumbent: float, mean: float, sd: float) -> float:
+    """E[max(0, incumbent - X)] for X ~ Normal(mean, sd)."""
+    if sd <= 0:
+        return max(0.0, incumbent - mean)
+    z = (incumbent - mean) / sd
+    pdf = math.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    return (incumbent - mean) * cdf + sd * pdf
