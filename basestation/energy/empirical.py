@@ -132,8 +132,8 @@ def _log_pred(p: np.ndarray, n: np.ndarray, m: np.ndarray, I: np.ndarray) -> np.
     a, b, lun, lum = p
     bracket = 1.0 - np.exp(lun) * 4.0 ** (-(n - 1)) - np.exp(lum) * I * 4.0 ** (-(m - 1))
     # A smooth floor keeps the residuals finite where the bracket crosses 0, so the optimiser can move back.
-    safe = np.where(bracket > 1e-6, bracket, 1e-6 * np.exp(bracket - 1e-6))
-    return a + b * np.log(I) - np.log(safe)
+    log_bracket = np.where(bracket > 1e-6, np.log(np.maximum(bracket, 1e-6)), math.log(1e-6) + (bracket - 1e-6))
+    return a + b * np.log(I) - log_bracket
 
 
 def fit_rounds(curves: Sequence[Curve], target: float) -> RoundsFit:
@@ -167,8 +167,8 @@ def fit_rounds(curves: Sequence[Curve], target: float) -> RoundsFit:
     uncensored = ~cens
     start = np.array([float(np.mean(logr[uncensored])), 0.0, -10.0, -10.0])
     best = None
-    for lun0 in (-10.0, 2.0, 6.0):
-        for lum0 in (-10.0, 2.0, 6.0):
+    for lun0 in (-10.0, 6.0):         # "no precision effect" and "a strong one", for each of n and m
+        for lum0 in (-10.0, 6.0):
             start[2], start[3] = lun0, lum0
             sol = least_squares(residuals, start, bounds=([-20, -3, -25, -25], [20, 3, 25, 25]))
             if best is None or sol.cost < best.cost:

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from basestation.energy.empirical import Curve, CurveError, RoundsFit, fit_rounds, holdout_errors, load_curves
+from basestation.energy.empirical import Curve, CurveError, RoundsFit, fit_rounds, load_curves
 from basestation.energy.records import EnergyRecord, RoundStats
 
 Setting3 = tuple[int, int, int]
@@ -65,16 +65,11 @@ class EnergyToTargetPolicy:
             raise ValueError(str(exc)) from None
         self.curves = curves
         self.fit: RoundsFit | None = None
-        self.model_error = 0.0
         if curves:
             try:
                 self.fit = fit_rounds(curves, self.target)
             except CurveError:
                 self.fit = None
-        if self.fit is not None:
-            errors = [abs(r["relative_error"]) for r in holdout_errors(curves, self.target)
-                      if r["relative_error"] is not None]
-            self.model_error = float(np.median(errors)) if errors else 0.0
         self._per_round = self._history_energy(curves)
         self.incumbent: Setting3 | None = None
         self.explored: list[Setting3] = []
@@ -106,7 +101,7 @@ class EnergyToTargetPolicy:
         factors = self._calibration(records)
         table = self._predictions(factors)
         inputs: dict[str, Any] = {"round": round, "records": len(records), "history_curves": len(self.curves),
-                                  "rounds_model": self.fit.to_dict(), "rounds_model_holdout_error": self.model_error,
+                                  "rounds_model": self.fit.to_dict(),
                                   "calibration": factors, "hysteresis": self.hysteresis,
                                   "candidates": [{"n": s[0], "m": s[1], "I": s[2], **v} for s, v in
                                                  sorted(table.items(), key=lambda kv: kv[1]["energy_to_target_j"])]}

@@ -68,7 +68,7 @@ def run_sweep(base: TestbedSettings, grid: Grid, policies: tuple[str, ...], seed
               console: Console, progress: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
     """Run every missing fixed setting, then every missing policy run; returns all results by key."""
     out.mkdir(parents=True, exist_ok=True)
-    spec = spec_of(base, grid, seeds)
+    spec = json.loads(json.dumps(spec_of(base, grid, seeds)))  # as stored: tuples become lists
     spec_path = out / SPEC
     if spec_path.exists():
         stored = json.loads(spec_path.read_text())
