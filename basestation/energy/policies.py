@@ -508,7 +508,7 @@ def build_policy(name: str, *, devices: Sequence[str], local_iters: int, devices
         if n is None or m is None:
             raise ValueError("the measured policy needs the starting n and m")
         return EnergyToTargetPolicy(devices=devices, n=n, m=m, local_iters=local_iters,
-                                    devices_per_round=devices_per_round, **options)
+                                    devices_per_round=devices_per_round, model=model, **options)
     if name == "measured-fit":
         if isinstance(options.get("prior"), Mapping):
             options["prior"] = DeviceEnergyParams(**options["prior"])

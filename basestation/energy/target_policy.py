@@ -50,7 +50,7 @@ class EnergyToTargetPolicy:
 
     def __init__(self, *, devices: Sequence[str], n: int, m: int, local_iters: int, devices_per_round: int,
                  history: str | Path | Sequence[Curve] | None = None, target_accuracy: float = 0.9,
-                 hysteresis: float = 0.05, max_explore: int = 3, **_: Any) -> None:
+                 hysteresis: float = 0.05, max_explore: int = 3, model: str = "mlp", **_: Any) -> None:
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis must be a fraction in [0, 1), got {hysteresis!r}")
         if not 0 < target_accuracy <= 1:
@@ -73,7 +73,10 @@ class EnergyToTargetPolicy:
         self._per_round = self._history_energy(curves)
         self.incumbent: Setting3 | None = None
         self.explored: list[Setting3] = []
-        self.last_calibration = None  # the service stores a calibration when a policy has one; this one has none
+        self.model = model
+        # The testbed energy model refitted to the meters, for the report's "after calibration" figures only:
+        # the decision itself calibrates the history's per-round energies (``_calibration``).
+        self.last_calibration = None
 
     def __repr__(self) -> str:
         return f"EnergyToTargetPolicy(curves={len(self.curves)}, incumbent={self.incumbent})"
@@ -93,6 +96,7 @@ class EnergyToTargetPolicy:
     # -- deciding -------------------------------------------------------------------------------------------
     def decide(self, round: int, records: Sequence[EnergyRecord], stats: Sequence[RoundStats] = ()) -> Any:
         """The setting of ``round``; see the module docstring."""
+        self._refit(records)
         if self.fit is None or not self._per_round:
             why = ("no learning-curve history to predict rounds from" if not self.curves else
                    f"no history curve reached the target {self.target}")
@@ -129,6 +133,20 @@ class EnergyToTargetPolicy:
             return self._decision(round, target, f"explore n={target[0]} m={target[1]} I={target[2]} for one "
                                   f"round: expected saving beats its cost ({reason})", inputs, explore=True)
         return self._decision(round, self.incumbent, reason, inputs)
+
+    def _refit(self, records: Sequence[EnergyRecord]) -> None:
+        from basestation.energy.calibration import calibrate
+        from basestation.energy.testbed_model import PI4_DEFAULTS
+        from models import counts, get_architecture
+
+        records = [r for r in records if r.device in self.devices]
+        if not records:
+            return
+        try:
+            self.last_calibration = calibrate(records, macs_per_sample=counts(get_architecture(self.model)).macs,
+                                              alpha_prior=PI4_DEFAULTS.alpha)
+        except ValueError:
+            self.last_calibration = None
 
     def _exploration(self, feasible: dict[Setting3, dict[str, float]], records: Sequence[EnergyRecord],
                      inputs: dict[str, Any]) -> Setting3 | None:
