@@ -92,6 +92,13 @@ def write_sweep_report(result: Mapping[str, Any], out: Path) -> Path:
             e = conv[label]
             parts.append(f"<p>Rounds model, {label.replace('_', ' ')}: {e['settings']} settings, "
                          f"{_pct(e['share_within'])} within 25%, median |error| {_pct(e['median_abs_error'])}</p>")
+    wape = result.get("calibration_wape_by_phase") or {}
+    for phase in ("train", "uplink"):
+        if isinstance(wape.get(phase), dict) and wape[phase].get("wape_calibrated_pct") is not None:
+            w = wape[phase]
+            parts.append(f"<p>Energy model, {phase} phase: WAPE {w['wape_model_pct']:.0f}% before calibration, "
+                         f"{w['wape_calibrated_pct']:.0f}% after ({w['records']} phases"
+                         f"{', fit held out by seed' if wape.get('held_out_by_seed') else ', in-sample fit'}).</p>")
     parts.append("<h2>Energy to target over (n, m)</h2>")
     for iterations in s["grid"]["iterations"]:
         png = heatmap_png(result, iterations)

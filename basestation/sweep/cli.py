@@ -7,7 +7,8 @@ Every run stops at the first round that reaches --target-accuracy (or after
 --rounds). A killed sweep continues from the runs already in --out. The
 report (``--out``/report.html) has a heatmap of energy to target over (n, m)
 for each I and the policy table; ``sweep-result.json`` holds the --json
-object plus the convergence model's held-out errors.
+object plus the convergence model's held-out errors and the calibrated energy model's per-phase WAPE
+(held out by seed, ``basestation.sweep.wape``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from basestation.report.sweep import write_sweep_report
     from basestation.sweep.result import sweep_object
     from basestation.sweep.runner import SweepError, run_sweep
+    from basestation.sweep.wape import held_out_wape
     from basestation.testbed.run import TestbedError
 
     console = Console(stderr=True, soft_wrap=True) if args.json else Console(soft_wrap=True)
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                                                                         "iterations": grid.iterations},
                                     "seeds": args.seeds},
                 "convergence_model": _holdout(out, base.target_accuracy),
+                "calibration_wape_by_phase": held_out_wape(results, base.model),
                 "policy_runs": {k: {f: r.get(f) for f in ("bits", "iterations", "explored", "reasons",
                                                           "energy_to_target_j", "rounds_to_target", "loadavg")}
                                 for k, r in sorted(results.items()) if r["kind"] == "policy"},
