@@ -7,8 +7,9 @@ the policy predicts the energy to target as
 
 - R(s): rounds to target from the empirical model fitted to the history's
   curves (``basestation.energy.empirical``), never from the paper's bound;
-- E_round(s): the history's measured energy per round at s, calibrated to
-  this run: the above-idle train and uplink parts are scaled by the ratio of
+- E_round(s): the history's measured energy per round, smoothed across
+  settings by one least-squares fit linear in the work (``_smoothed``), and
+  calibrated to this run: the above-idle train and uplink parts are scaled by the ratio of
   what this run's meters measured to what the history predicted for the
   settings this run has used (one factor per phase); the idle part is the
   history's.
@@ -17,9 +18,11 @@ Exploration is a one-step value-of-information decision: measuring a
 candidate for one round resolves the uncertainty of its calibrated energy
 per round (its spread across the history's seeds), not of its rounds. The
 expected saving is E[max(0, T_incumbent - T_s)] with T_s ~ Normal(predicted,
-spread); the cost is the round's extra energy over the incumbent's round. It
+spread); the cost is the round's energy less what the progress it makes
+(1 / R(s) of the way) is worth at the incumbent's price, T_incumbent / R(s). It
 explores a candidate only when the saving exceeds the cost, each candidate
-at most once and at most ``max_explore`` times in all; otherwise it holds
+at most once, at most ``max_explore`` times in all, and only before it has
+first held a setting (then it is settled: no exploration, no flip-flop); otherwise it holds
 the incumbent, and moves only when the best candidate is predicted to save
 more than ``hysteresis``. Every number of that reasoning is stored in the
 decision's inputs. Without a history it holds the configured setting.
@@ -73,6 +76,7 @@ class EnergyToTargetPolicy:
         self._per_round = self._history_energy(curves)
         self.incumbent: Setting3 | None = None
         self.explored: list[Setting3] = []
+        self.settled = False  # once it has held a setting without exploring, it never explores again
         self.model = model
         # The testbed energy model refitted to the meters, for the report's "after calibration" figures only:
         # the decision itself calibrates the history's per-round energies (``_calibration``).
@@ -88,10 +92,11 @@ class EnergyToTargetPolicy:
         if state.get("incumbent"):
             self.incumbent = tuple(state["incumbent"])  # type: ignore[assignment]
         self.explored = [tuple(s) for s in state.get("explored", [])]  # type: ignore[misc]
+        self.settled = bool(state.get("settled", False))
 
     def _state(self) -> dict[str, Any]:
         return {"incumbent": list(self.incumbent) if self.incumbent else None,
-                "explored": [list(s) for s in self.explored]}
+                "explored": [list(s) for s in self.explored], "settled": self.settled}
 
     # -- deciding -------------------------------------------------------------------------------------------
     def decide(self, round: int, records: Sequence[EnergyRecord], stats: Sequence[RoundStats] = ()) -> Any:
@@ -132,6 +137,7 @@ class EnergyToTargetPolicy:
             self.explored.append(target)
             return self._decision(round, target, f"explore n={target[0]} m={target[1]} I={target[2]} for one "
                                   f"round: expected saving beats its cost ({reason})", inputs, explore=True)
+        self.settled = True
         return self._decision(round, self.incumbent, reason, inputs)
 
     def _refit(self, records: Sequence[EnergyRecord]) -> None:
@@ -159,11 +165,13 @@ class EnergyToTargetPolicy:
                 continue
             mu, sd = v["energy_to_target_j"], v["energy_to_target_j"] * v["energy_spread"]
             gain = _expected_improvement(inc["energy_to_target_j"], mu, sd)
-            cost = max(0.0, v["energy_per_round_j"] - inc["energy_per_round_j"])
+            # A round at s moves 1/R(s) of the way to the target, worth T_inc / R(s) at the incumbent's price.
+            cost = max(0.0, v["energy_per_round_j"] - inc["energy_to_target_j"] / v["predicted_rounds"])
             options.append({"n": s[0], "m": s[1], "I": s[2], "expected_saving_j": gain, "cost_j": cost})
         options.sort(key=lambda o: o["cost_j"] - o["expected_saving_j"])
-        inputs["exploration"] = {"budget_left": self.max_explore - len(self.explored), "options": options[:5]}
-        if len(self.explored) >= self.max_explore or not options:
+        inputs["exploration"] = {"budget_left": self.max_explore - len(self.explored), "settled": self.settled,
+                                 "options": options[:5]}
+        if self.settled or len(self.explored) >= self.max_explore or not options:
             return None
         top = options[0]
         if top["expected_saving_j"] > top["cost_j"]:
@@ -217,8 +225,8 @@ class EnergyToTargetPolicy:
             total = float(np.mean(totals))
             spread = float(np.std(totals) / total) if len(totals) > 1 and total > 0 else 0.1
             out[s] = {"energy_j": total, "train_j": train, "uplink_j": uplink,
-                      "idle_j": max(total - train - uplink, 0.0), "spread": spread}
-        return out
+                      "idle_j": max(total - train - uplink, 0.0), "spread": spread, "curves": len(cs)}
+        return _smoothed(out)
 
     def _decision(self, round: int, s: Setting3, reason: str, inputs: dict[str, Any], *, explore: bool = False):
         from basestation.energy.policies import Decision, _json_safe
@@ -226,6 +234,41 @@ class EnergyToTargetPolicy:
         return Decision(round=round, policy=self.name, n=int(s[0]), m=int(s[1]), local_iters=int(s[2]),
                         devices_per_round=self.devices_per_round, reason=reason, inputs=_json_safe(inputs),
                         explore=explore, state=_json_safe(self._state()))
+
+
+def _features(s: Setting3) -> list[float]:
+    """What the energy of a round depends on: a constant, I, I at fixed point (n < 32) and per bit of n, and m."""
+    n, m, i = s
+    return [1.0, i, i * (n < 32), i * n / 32.0, m]
+
+
+def _smoothed(per_setting: dict[Setting3, dict[str, float]]) -> dict[Setting3, dict[str, float]]:
+    """Per-round energies from one least-squares fit across all settings instead of each setting's own mean.
+
+    One setting's mean over a few seeds carries the whole noise of a shared
+    machine (idle time stretched by other load); a fit linear in the work
+    (I, I x fixed point, I x n, m) pools every setting's rounds, so the
+    comparison between candidates is not decided by that noise. With fewer
+    settings than features the means are kept.
+    """
+    settings = sorted(per_setting)
+    x = np.array([_features(s) for s in settings]).reshape(len(settings), 5)
+    if len(settings) <= x.shape[1]:
+        return per_setting
+    w = np.sqrt([per_setting[s]["curves"] for s in settings])
+    out = {s: dict(v) for s, v in per_setting.items()}
+    for part in ("train_j", "uplink_j", "idle_j"):
+        y = np.array([per_setting[s][part] for s in settings])
+        coef, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
+        for s, value in zip(settings, x @ coef):
+            out[s][part] = max(float(value), 0.0)
+    totals = np.array([per_setting[s]["energy_j"] for s in settings])
+    fitted = np.array([out[s]["train_j"] + out[s]["uplink_j"] + out[s]["idle_j"] for s in settings])
+    spread = float(np.sqrt(np.mean(((totals - fitted) / np.maximum(fitted, 1e-12)) ** 2)))
+    for s in settings:
+        out[s]["energy_j"] = out[s]["train_j"] + out[s]["uplink_j"] + out[s]["idle_j"]
+        out[s]["spread"] = spread
+    return out
 
 
 def _expected_improvement(incumbent: float, mean: float, sd: float) -> float:
