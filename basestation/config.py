@@ -66,6 +66,7 @@ class RoundSettings:
     extensions: int = 2
     extension_seconds: float = 0.0
     report_wait_seconds: float = 3.0
+    stop_at_accuracy: float = 0.0  # finish early once a round's accuracy reaches this (0: run every round)
 
     @property
     def extension(self) -> float:
@@ -165,6 +166,7 @@ class BasestationConfig:
             extensions=r.integer("extensions", 2, low=0),
             extension_seconds=r.number("extension_seconds", 0.0, low=0.0),
             report_wait_seconds=r.number("report_wait_seconds", 3.0, low=0.0),
+            stop_at_accuracy=r.number("stop_at_accuracy", 0.0, low=0.0, high=1.0),
         )
         r.finish()
         tr = Table(t.table("training"), f"{where} [training]")
@@ -184,7 +186,7 @@ class BasestationConfig:
             raise ConfigError(f"{where} [training]: {exc}") from None
         p = Table(t.table("precision"), f"{where} [precision]")
         precision = PrecisionSettings(
-            policy=p.get("policy", str, "fixed", choices=("fixed", "model", "measured")),
+            policy=p.get("policy", str, "fixed", choices=("fixed", "model", "measured", "measured-fit")),
             n=p.integer("n", 8, low=1, high=32),
             m=p.integer("m", 8, low=1, high=32),
             epsilon=p.number("epsilon", 0.1, low=1e-9),

@@ -305,7 +305,10 @@ class Basestation:
         if rounds and self._awaiting_reports(rounds[-1], now):
             return False  # the policy (and the end) should see the last round's energy reports
         done = sum(r.status == "aggregated" for r in rounds)
-        if self.target_rounds and done >= self.target_rounds:
+        stop_at = self.config.round.stop_at_accuracy
+        reached = stop_at > 0 and any(r.status == "aggregated" and r.accuracy is not None and r.accuracy >= stop_at
+                                      for r in rounds)
+        if (self.target_rounds and done >= self.target_rounds) or reached:
             self._finish(now)
             return False
         eligible = self.ingest.eligible()
@@ -354,8 +357,6 @@ class Basestation:
         return records, stats
 
     def _open_round(self, eligible: list[str], now: float) -> None:
-        from basestation.energy.policies import MeasuredPolicy
-
         cfg, exp = self.config, self.config.experiment
         previous = self.store.rounds(exp)
         number = previous[-1].round + 1 if previous else 1
@@ -376,7 +377,7 @@ class Basestation:
         with self.store.transaction():
             self.store.add_decision(exp, number, policy=decision.policy, n=decision.n, m=decision.m,
                                     inputs=decision.inputs, detail=decision.detail(), now=now)
-            if isinstance(self.policy, MeasuredPolicy) and self.policy.last_calibration is not None:
+            if getattr(self.policy, "last_calibration", None) is not None:
                 self.store.add_calibration(exp, number, self.policy.last_calibration.to_dict(), now=now)
             self.store.open_round(exp, number, selected=selected, n=decision.n, m=decision.m, deadline=plan.deadline,
                                   quorum=quorum, model_hash=self.global_hash, plan=json.loads(plan.to_json()), now=now)

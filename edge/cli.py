@@ -23,6 +23,7 @@ import sys
 Entry = tuple[str, str]
 COMMANDS: dict[str, Entry | dict[str, Entry]] = {
     "testbed": ("basestation.testbed.cli", "run the emulated testbed end to end and write a report"),
+    "sweep": ("basestation.sweep.cli", "run every fixed (n, m, I) of a grid and the policies; regret and saving"),
     "report": ("basestation.report.cli", "write the report of one or more finished runs"),
     "train": ("edge.commands.train", "train one model centrally with the fixed-point trainer"),
     "solve": ("basestation.energy.cli", "solve the precision that reaches a target for the least energy"),

@@ -105,7 +105,7 @@ def test_sigterm_stops_edges_and_basestation_cleanly(federation) -> None:
 
 @pytest.mark.slow
 def test_measured_policy_decides_every_round_from_the_meters(federation, spawn, qfl_command) -> None:
-    fed = federation(devices=2, **{"rounds": 4, "training.iterations": 20, "precision.policy": "measured",
+    fed = federation(devices=2, **{"rounds": 4, "training.iterations": 20, "precision.policy": "measured-fit",
                                    "precision.n": 8, "precision.m": 8})
     edges = []
     for i in range(2):
@@ -118,7 +118,7 @@ def test_measured_policy_decides_every_round_from_the_meters(federation, spawn, 
     with fed.store() as store:
         decisions = store.decisions(fed.experiment)
         rounds = store.rounds(fed.experiment)
-        assert [d.policy for d in decisions] == ["measured"] * 4
+        assert [d.policy for d in decisions] == ["measured-fit"] * 4
         assert [(d.round, d.n, d.m) for d in decisions] == [(r.round, r.n, r.m) for r in rounds]
         assert all(d.inputs["round"] == d.round and "calibration" in d.inputs for d in decisions)
         assert decisions[-1].inputs["records"] == 6  # every metered report of rounds 1-3 went into round 4's choice

@@ -147,7 +147,7 @@ def test_build_policy_from_configuration():
     model = build_policy("model", devices=NAMES, local_iters=5, devices_per_round=5)
     d = model.decide(0, [])
     assert 1 <= d.m <= 32 and model.problem.devices == 5
-    measured = build_policy("measured", devices=NAMES, local_iters=1, devices_per_round=5,
+    measured = build_policy("measured-fit", devices=NAMES, local_iters=1, devices_per_round=5,
                             samples=50, prior={"fixed_j": 1e-4, "joules_per_mac": 1e-9, "alpha": 1.0,
                                                        "joules_per_bit": 1e-7, "joules_per_message": 1e-3},
                             convergence={"L": 2.0, "mu": 0.01, "G": 1.0, "Gamma": 0.0, "rho": 100.0, "sigma": 0.5})

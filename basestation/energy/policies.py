@@ -8,7 +8,9 @@ touch the network or the store.
 - ``FixedPolicy``: n and m (optionally per device) given by the experiment.
 - ``ModelPolicy``: the analytic model's optimum (no measurements), e.g. of the
   ``kim2022`` or ``testbed`` preset.
-- ``MeasuredPolicy``: after every round, refit the testbed energy model to the
+- ``EnergyToTargetPolicy`` (``measured``, in ``target_policy``): least predicted energy to the target
+  accuracy from learning-curve history and the meters (the repaired closed loop).
+- ``MeasuredPolicy`` (``measured-fit``): after every round, refit the testbed energy model to the
   records (``calibration``), re-solve (n, m), move only when the predicted
   saving beats a hysteresis margin, and explore a neighbouring precision while
   the fit cannot tell the candidates apart.
@@ -244,7 +246,7 @@ class MeasuredPolicy:
     ``max_explore`` exploration rounds the candidate is adopted regardless.
     """
 
-    name = "measured"
+    name = "measured-fit"
 
     def __init__(self, *, model: str = "mlp", devices: Sequence[str], epsilon: float, local_iters: int,
                  devices_per_round: int, batch_size: int = 32, messages: int = 1,
@@ -501,13 +503,20 @@ def build_policy(name: str, *, devices: Sequence[str], local_iters: int, devices
         return ModelPolicy(preset.problem(epsilon), local_iters=local_iters, devices_per_round=devices_per_round,
                            mode=mode, per_device_m=per_device_m)
     if name == "measured":
+        from basestation.energy.target_policy import EnergyToTargetPolicy
+
+        if n is None or m is None:
+            raise ValueError("the measured policy needs the starting n and m")
+        return EnergyToTargetPolicy(devices=devices, n=n, m=m, local_iters=local_iters,
+                                    devices_per_round=devices_per_round, model=model, **options)
+    if name == "measured-fit":
         if isinstance(options.get("prior"), Mapping):
             options["prior"] = DeviceEnergyParams(**options["prior"])
         if isinstance(options.get("convergence"), Mapping):
             options["convergence"] = _convergence_from_mapping(options["convergence"], len(devices))
         return MeasuredPolicy(model=model, devices=devices, epsilon=epsilon, local_iters=local_iters,
                               devices_per_round=devices_per_round, **options)
-    raise ValueError(f"unknown precision policy {name!r}; choose one of: fixed, model, measured")
+    raise ValueError(f"unknown precision policy {name!r}; choose one of: fixed, model, measured, measured-fit")
 
 
 # --- helpers ----------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--model", default=_DEFAULTS.model, help="architecture from models/ (mlp, mlp-mnist, cnn, cnn-mnist)")
     add("--partition", default=_DEFAULTS.partition, help="'iid', 'dirichlet:ALPHA' or 'shards:K'")
     add("--policy", default=_DEFAULTS.policy, choices=POLICIES,
-        help="precision policy: 'measured' refits the energy model to the meters each round and re-solves; "
+        help="precision policy: 'measured' minimises calibrated energy per round x predicted rounds to target; "
+             "'measured-fit' refits the analytic energy model each round and re-solves; "
              "'model' solves the analytic model once; 'fixed' keeps --bits/--uplink-bits")
     add("--bits", type=int, default=_DEFAULTS.bits, help="training precision n (the start for adaptive policies)")
     add("--uplink-bits", type=int, default=_DEFAULTS.uplink_bits, help="uplink precision m")
@@ -42,6 +43,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--compare", action="store_true",
         help="run standard 32-bit FL and then the adaptive policy on the same seed and data, and report the "
              "saving in measured energy to --target-accuracy")
+    add("--link", default=_DEFAULTS.link, help="uplink link profile each device sends through "
+        "(firmware_tools/emulator/links.toml: loopback, wifi, lte-m, kim2022)")
+    add("--stop-at-target", action="store_true", help="end the run at the first round that reaches --target-accuracy")
+    add("--history", type=Path, default=None, metavar="CURVES.json",
+        help="learning curves (qfl sweep writes curves.json) the 'measured' policy fits its rounds-to-target "
+             "model to; without it the policy holds --bits/--uplink-bits")
     add("--json", action="store_true", help="print summary.json to stdout at the end")
 
 
@@ -59,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         devices=args.devices, rounds=args.rounds, dataset=args.dataset, model=args.model, partition=args.partition,
         policy=args.policy, bits=args.bits, uplink_bits=args.uplink_bits, board=args.board,
         iterations=args.iterations, lr=args.lr, deadline_seconds=args.deadline, seed=args.seed,
-        target_accuracy=args.target_accuracy, out=args.out, name=args.name)
+        target_accuracy=args.target_accuracy, out=args.out, name=args.name, link=args.link,
+        stop_at_target=args.stop_at_target, history=args.history)
     console = Console(stderr=args.json, soft_wrap=True)
     try:
         settings = settings.checked()

@@ -14,6 +14,7 @@ pseudo-terminal link behind); writes ``summary.json`` and the report.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -66,7 +67,7 @@ def run_testbed(settings: TestbedSettings, console: Console) -> RunResult:
             broker, layout = _start_broker(settings)
             console.print(f"[bold]qfl testbed[/] run [cyan]{settings.name}[/] in {layout.root}: "
                           f"{settings.devices} devices, {settings.rounds} rounds, policy {settings.policy}, "
-                          f"board {settings.board}; broker {broker.url}", highlight=False)
+                          f"board {settings.board}, link {settings.link}; broker {broker.url}", highlight=False)
             station = children.start("basestation", qfl_argv("basestation", "serve", "--config",
                                                              str(layout.basestation_config)),
                                      log=layout.logs / "basestation.log")
@@ -106,14 +107,31 @@ def _start_broker(settings: TestbedSettings) -> tuple[Broker, RunLayout]:
 def _start_device(children: Supervisor, layout: RunLayout, device: str, index: int,
                   settings: TestbedSettings) -> Child:
     """Start one edge process, then the meter emulator that watches it."""
+    net: list[str] = []
+    if settings.link != "loopback":  # the device talks to its meter's relay, which forwards to the broker
+        relay = free_port()
+        broker = _point_device_at(layout.device_config(device), relay)
+        net = ["--net", settings.link, "--relay-port", str(relay), "--upstream", broker,
+               "--net-seed", str(settings.seed), "--net-index", str(index)]
     edge = children.start(device, qfl_argv("edge", "run", "--config", str(layout.device_config(device))),
                           log=layout.logs / f"{device}.log")
     children.start(f"meter-{device}", qfl_argv(
         "meter", "emulate", "--pid", str(edge.pid), "--board", settings.board,
         "--link", str(layout.meter_link(device)), "--seed", str(settings.seed * 1000 + index),
-        "--rate", str(settings.meter_rate_hz), "--tick-ms", str(settings.meter_tick_ms), "--ground-truth", str(layout.ground_truth / f"{device}.csv")),
+        "--rate", str(settings.meter_rate_hz), "--tick-ms", str(settings.meter_tick_ms),
+        "--ground-truth", str(layout.ground_truth / f"{device}.csv"), *net),
         log=layout.logs / f"meter-{device}.log")
     return edge
+
+
+def _point_device_at(config: Path, port: int) -> str:
+    """Rewrite the device's broker URL to 127.0.0.1:``port``; returns the broker's HOST:PORT it had."""
+    text = config.read_text()
+    match = re.search(r'^url = "mqtt://([^"/:]+):(\d+)"$', text, flags=re.MULTILINE)
+    if match is None:
+        raise TestbedError(f"{config} has no plain mqtt:// broker url to route through the link relay")
+    config.write_text(text[:match.start()] + f'url = "mqtt://127.0.0.1:{port}"' + text[match.end():])
+    return f"{match.group(1)}:{match.group(2)}"
 
 
 def _follow(settings: TestbedSettings, layout: RunLayout, station: Child, edges: list[Child],

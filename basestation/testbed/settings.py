@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-POLICIES = ("measured", "model", "fixed")
+POLICIES = ("measured", "measured-fit", "model", "fixed")
 BOARDS = ("pi-zero-2w", "pi4", "pi5")
 
 
@@ -43,6 +43,9 @@ class TestbedSettings:
     target_accuracy: float = 0.9
     out: Path = Path("runs")
     name: str = ""
+    link: str = "loopback"
+    stop_at_target: bool = False
+    history: Path | None = None
 
     def checked(self) -> "TestbedSettings":
         """Return the settings with a run name filled in; SettingsError for anything out of range."""
@@ -61,6 +64,13 @@ class TestbedSettings:
             raise SettingsError(f"--quorum must be in (0, 1], got {self.quorum}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise SettingsError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
+        from firmware_tools.emulator.link import LinkProfileError, get_link, link_names
+        try:
+            get_link(self.link)
+        except LinkProfileError:
+            raise SettingsError(f"--link must be one of {', '.join(link_names())}, got {self.link!r}") from None
+        if self.history is not None and not Path(self.history).is_file():
+            raise SettingsError(f"--history {self.history} is not a file (a curves JSON written by qfl sweep)")
         name = self.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{self.policy}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
             raise SettingsError(f"run name must be letters, digits, '.', '_' or '-', got {name!r}")
@@ -80,4 +90,5 @@ class TestbedSettings:
         """JSON-safe dict, written to the run's ``config.json``."""
         doc = asdict(self)
         doc["out"] = str(self.out)
+        doc["history"] = None if self.history is None else str(self.history)
         return doc

@@ -31,6 +31,7 @@ def summarize(settings: TestbedSettings, layout: RunLayout, run: RunData, second
         "rounds": len(rounds),
         "policy": settings.policy,
         "board": settings.board,
+        "link": settings.link,
         "final_accuracy": rounds[-1].accuracy if rounds else None,
         "accuracy": [r.accuracy for r in rounds],
         "bits": [[r.bits_n, r.bits_m] for r in rounds],

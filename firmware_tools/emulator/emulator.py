@@ -39,6 +39,7 @@ import numpy as np
 
 from firmware_tools.emulator.boards import BoardProfile, get_board
 from firmware_tools.emulator.faults import FaultPlan, LineFaults
+from firmware_tools.emulator.link import RadioLog
 from firmware_tools.emulator.procwatch import ProcessWatcher
 from firmware_tools.emulator.ptylink import PtyLink
 from firmware_tools.emulator.truth import GroundTruthLog
@@ -80,12 +81,16 @@ class MeterEmulator:
         tick_seconds: how often /proc is read and output is written.
         meter_id: name in the identification line (default ``emu-<board>-<pid>``).
         log: called with one-line notices (unplug, replug, unreadable /proc/PID/io).
+        radio: busy intervals of the emulated uplink radio (``link.RadioLog``, filled by the relay); while
+            it transmits the board draws ``radio_power_w`` more, and the board's per-byte radio term is
+            left out (the link, not the write counter, is then the radio).
     """
 
     def __init__(self, *, pid: int, link: str | Path, board: str | BoardProfile = "pi4", seed: int = 0,
                  rate_hz: int = 1000, ground_truth: str | Path | None = None, faults: FaultPlan | None = None,
                  tick_seconds: float = 0.01, meter_id: str | None = None, boards_file: str | Path | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, radio: RadioLog | None = None,
+                 radio_power_w: float = 0.0):
         if isinstance(rate_hz, bool) or not isinstance(rate_hz, int) or not 1 <= rate_hz <= MAX_RATE_HZ:
             raise EmulatorError(f"rate_hz must be an integer 1..{MAX_RATE_HZ}, got {rate_hz!r}")
         if not 0.001 <= tick_seconds <= 0.5:
@@ -99,6 +104,7 @@ class MeterEmulator:
         self.tick_seconds = tick_seconds
         self.meter_id = meter_id or f"emu-{self.board.name}-{pid}"
         self.stats = EmulatorStats()
+        self.radio, self.radio_power_w = radio, float(radio_power_w)
         self.exit_reason: str | None = None
         self._log = log or (lambda message: None)
         self._watcher = ProcessWatcher(pid)  # fails now, clearly, if the process does not exist
@@ -271,7 +277,14 @@ class MeterEmulator:
     def _emit(self, hosts: np.ndarray, meters: np.ndarray, busy: float, rate: float,
               truth: GroundTruthLog | None) -> None:
         board = self.board
-        power = board.power(busy, rate) + self._noise.normal(0.0, board.noise_w, len(hosts))
+        if self.radio is not None:
+            fw = self.firmware
+            window = (fw.period_us / 1e6 / self._speed) if fw.running else 1.0 / self.rate_hz
+            on_air = self.radio.busy_fraction(hosts - window, hosts)
+            power = board.power(busy, 0.0) + self.radio_power_w * on_air
+        else:
+            power = board.power(busy, rate)
+        power = power + self._noise.normal(0.0, board.noise_w, len(hosts))
         current, volts = board.operating_point(power)
         if self.faults.overflow_bursts:
             since = hosts - self._t0

@@ -1,0 +1,79 @@
+"""qfl sweep: bad input, a small real sweep, its --json object, and resuming a killed sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from basestation.sweep.grid import GridError, parse_bits, parse_policies
+from edge.cli import main as qfl
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--link", "5g"], "loopback, wifi, lte-m, kim2022"),
+    (["--grid-bits", ""], "--grid-bits is empty"),
+    (["--grid-uplink-bits", "4,40"], "bit widths 1..32"),
+    (["--grid-iterations", "0"], "local iterations 1..1000"),
+    (["--policies", "fl32,greedy"], "valid: fl32, model, measured"),
+    (["--board", "pi3"], "valid: pi-zero-2w, pi4, pi5"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, expected, capsys, tmp_path):
+    assert qfl(["sweep", "--out", str(tmp_path / "s"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()  # nothing ran, nothing written
+
+
+def test_grid_parsing():
+    assert parse_bits("--grid-bits", "32, 4,8") == (4, 8, 32)
+    with pytest.raises(GridError, match="twice"):
+        parse_bits("--grid-bits", "4,4")
+    assert parse_policies("") == ()
+
+
+SWEEP = ["sweep", "--grid-bits", "32", "--grid-uplink-bits", "4,32", "--grid-iterations", "5", "--policies",
+         "measured", "--seeds", "1", "--devices", "2", "--rounds", "3", "--iterations", "5",
+         "--target-accuracy", "0.5", "--link", "lte-m"]
+
+
+@pytest.mark.slow
+def test_small_real_sweep_prints_the_issue_object_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert qfl([*SWEEP, "--out", str(out), "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert set(obj) == {"target_accuracy", "settings", "hindsight_best", "policies"}
+    assert [(s["n"], s["m"], s["I"], s["seed"]) for s in obj["settings"]] == [(32, 4, 5, 0), (32, 32, 5, 0)]
+    for s in obj["settings"]:
+        assert set(s) == {"n", "m", "I", "seed", "energy_to_target_j", "rounds_to_target"}
+        assert (s["energy_to_target_j"] is None) == (s["rounds_to_target"] is None)
+    assert set(obj["policies"]) == {"measured"}
+    for p in obj["policies"].values():
+        assert set(p) == {"energy_to_target_j", "regret", "saving_vs_fl32"}
+    reached = {(s["m"]): s["energy_to_target_j"] for s in obj["settings"] if s["energy_to_target_j"] is not None}
+    if obj["hindsight_best"] is not None:
+        assert obj["hindsight_best"]["energy_to_target_j"] == min(reached.values())
+        if 4 in reached and 32 in reached:
+            assert reached[4] < reached[32]  # on LTE-M a 4-bit uplink pays for itself
+    assert obj["policies"]["measured"]["saving_vs_fl32"] is None  # no fl32 run asked for
+    assert (out / "report.html").read_text().count("<img") == 1 and (out / "curves.json").exists()
+
+    # A sweep killed during its last run: the results file lacks that line, its run directory is half written.
+    results = (out / "results.jsonl").read_text().splitlines()
+    assert len(results) == 3
+    (out / "results.jsonl").write_text("\n".join(results[:-1]) + "\n")
+    kept = {json.loads(r)["key"]: os.stat(Path(json.loads(r)["run_dir"]) / "store.sqlite").st_mtime_ns
+            for r in results[:-1]}
+    assert qfl([*SWEEP, "--out", str(out), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["settings"] == obj["settings"]
+    lines = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in lines] == [json.loads(r)["key"] for r in results]
+    for row in lines[:-1]:  # the finished runs were not run again
+        assert os.stat(Path(row["run_dir"]) / "store.sqlite").st_mtime_ns == kept[row["key"]]
+
+    # The same --out with a different grid is refused, not mixed in.
+    assert qfl([*[a if a != "4,32" else "8" for a in SWEEP], "--out", str(out)]) == 2
+    assert "holds a different sweep" in capsys.readouterr().err
