@@ -152,7 +152,10 @@ def test_restart_with_a_retained_poison_on_the_broker(federation) -> None:
         with fed.store() as store:
             # The copy queued in the basestation's persistent session arrives as a live message and meets the
             # bounds; the copy the broker retained meets the retained check.
-            assert store.rejection_counts(fed.experiment) == {"retained": 1, "out_of_bounds": 1}
+            counts = store.rejection_counts(fed.experiment)
+            # QoS 1 redeliveries of the same poison (0-2 seen, depending on when the restart cut the session's
+            # PUBACKs) are refused as replays; no other reason may appear, and none of them is accepted.
+            assert {k: v for k, v in counts.items() if k != "replayed"} == {"retained": 1, "out_of_bounds": 1}
             (round1,) = store.rounds(fed.experiment)
             assert (round1.status, round1.accepted) == ("aggregated", 2) and math.isfinite(round1.loss)
         # The broker no longer holds it: a new subscriber is handed nothing retained on that topic.
