@@ -26,7 +26,7 @@ import numpy as np
 from edge.fixedpoint import FLOAT_BITS, Fixed
 from edge.layers import Parametric
 from edge.network import Network, _channels_last
-from models.tflite import Grid, IntegerFormat
+from models.integer_format import Grid, IntegerFormat
 
 INT8_BITS = 8
 
