@@ -60,29 +60,40 @@ def export(net: Network, digits, path: Path, kind: str) -> Path:
     return export_onnx(net.arch, net.get_weights(), path.with_suffix(".onnx"), fmt=fmt)
 
 
+# Measured (docs/export.md): tflite-runtime 2.14's int8 kernels round requantization ties away from zero, the
+# engine to even; at 4 bits ties are frequent (a shift of 2 to 4 bits) and each moves a 4-bit activation by
+# a whole step. LiteRT's kernels (XNNPACK and its builtin ones) round like the engine.
+KNOWN = {("tflite-runtime", "mlp", 4): "98.2 %", ("tflite-runtime", "cnn", 4): "83.1 %",
+         ("tflite-runtime", "cnn", 8): "99.3 %"}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("bits", PRECISIONS)
 @pytest.mark.parametrize("runtime", ["litert", "tflite-runtime", "onnxruntime", "numpy"])
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_runtime_agrees_with_the_fixed_point_forward(runtime: str, name: str, digits, tmp_path: Path) -> None:
+def test_runtime_agrees_with_the_fixed_point_forward(runtime: str, name: str, bits: int, digits,
+                                                     tmp_path: Path) -> None:
     if runtime != "numpy" and not installed(runtime):
         pytest.skip(f"{runtime} is not installed here")
     if runtime == "onnxruntime":
         pytest.importorskip("onnx")
+    if (runtime, name, bits) in KNOWN:
+        pytest.xfail(f"{runtime} rounds requantization ties away from zero: {KNOWN[runtime, name, bits]} agreement "
+                     "measured")
     kind = "onnx" if runtime == "onnxruntime" else "tflite"
-    for bits in PRECISIONS:
-        net = trained(name, bits, digits)
-        reference = net.predict(digits.x_test)
-        runner = load(export(net, digits, tmp_path / f"{name}{bits}", kind), runtime)
-        # The engine picks its activation scales per batch, so it runs the whole test set as one batch, as the
-        # reference does; the runtimes have the file's fixed scales and run batches of 32.
-        size = len(digits.x_test) if runtime == "numpy" else 32
-        logits = np.concatenate([runner.run(digits.x_test[i:i + size]) for i in range(0, len(digits.x_test), size)])
-        agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
-        assert agreement >= AGREEMENT, (runtime, name, bits, agreement)
-        if bits == 8:
-            # One step of the int8 grid that would hold these logits (the engine never rounds them).
-            step = 2.0 ** scale_exponent(float(np.abs(reference).max()), 7)
-            assert np.abs(logits - reference).max() <= step, (runtime, name, np.abs(logits - reference).max(), step)
+    net = trained(name, bits, digits)
+    reference = net.predict(digits.x_test)
+    runner = load(export(net, digits, tmp_path / f"{name}{bits}", kind), runtime)
+    # The engine picks its activation scales per batch, so it runs the whole test set as one batch, as the
+    # reference does; the runtimes have the file's fixed scales and run batches of 32.
+    size = len(digits.x_test) if runtime == "numpy" else 32
+    logits = np.concatenate([runner.run(digits.x_test[i:i + size]) for i in range(0, len(digits.x_test), size)])
+    agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
+    assert agreement >= AGREEMENT, (runtime, name, bits, agreement)
+    if bits == 8:
+        # One step of the int8 grid that would hold these logits (the engine never rounds them).
+        step = 2.0 ** scale_exponent(float(np.abs(reference).max()), 7)
+        assert np.abs(logits - reference).max() <= step, (runtime, name, np.abs(logits - reference).max(), step)
 
 
 def test_int8_file_holds_int8_weights_and_the_engines_scales(digits, tmp_path: Path) -> None:
@@ -140,7 +151,12 @@ def test_strided_unpadded_and_padded_convolutions_match(tmp_path: Path) -> None:
     net = Network(arch, bits=8, seed=2)
     x = np.random.default_rng(1).random((40, 1, 9, 9), dtype=np.float32)
     path = export_tflite(arch, net.get_weights(), tmp_path / "odd.tflite", fmt=integer_format(net, x))
-    np.testing.assert_array_equal(load(path).run(x), net.predict(x))
+    runner, reference = load(path), net.predict(x)
+    if runner.name == "litert":  # XNNPACK rounds ties to even, as the engine: bit-exact
+        np.testing.assert_array_equal(runner.run(x), reference)
+    else:  # reference kernels round ties away from zero: within one step of an int8 grid of the logits
+        step = 2.0 ** scale_exponent(float(np.abs(reference).max()), 7)
+        assert np.abs(runner.run(x) - reference).max() <= step
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> Path:
