@@ -94,7 +94,13 @@ def load(path: str | Path, runtime: str = "auto", *, threads: int = 1) -> Runner
 
 def _tflite(path: Path, runtime: str, threads: int) -> Runner:
     module = importlib.import_module(MODULES[runtime])
-    interpreter = module.Interpreter(model_path=str(path), num_threads=threads)
+    try:
+        interpreter = module.Interpreter(model_path=str(path), num_threads=threads)
+    except (ValueError, RuntimeError) as exc:  # a file TFLite rejects
+        raise RuntimeUnavailable(f"{runtime} cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
+    except Exception as exc:  # tflite-runtime 2.14 under numpy 2 imports but fails here (_ARRAY_API not found)
+        raise RuntimeUnavailable(f"{runtime} does not work with numpy {np.__version__} here "
+                                 f"({type(exc).__name__}); tflite-runtime 2.14 needs numpy < 2") from None
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]
     state = {"shape": None}
