@@ -113,8 +113,7 @@ def read_weights(path: str | Path, arch: Architecture) -> dict[str, np.ndarray]:
             value = value * float(quant.ScaleAsNumpy()[0])
         found[name] = value
     out: dict[str, np.ndarray] = {}
-    shape = arch.input_shape
-    for index, (layer, out_shape) in enumerate(zip(arch.layers, arch.shapes())):
+    for index, layer in enumerate(arch.layers):
         if isinstance(layer, (Dense, Conv2D)):
             w, b = found[f"{index}.weight"], found[f"{index}.bias"]
             if isinstance(layer, Conv2D):
@@ -123,7 +122,6 @@ def read_weights(path: str | Path, arch: Architecture) -> dict[str, np.ndarray]:
                 chw = _flattened_from(arch, index) if _came_through_nhwc(arch, index) else None
                 w = _dense_rows_from_tflite(w, chw)
             out[f"{index}.weight"], out[f"{index}.bias"] = w.astype(np.float32), b.astype(np.float32)
-        shape = out_shape
     return out
 
 
