@@ -260,6 +260,11 @@ def _parametric(arch: Architecture, index: int, layer: Dense | Conv2D, activatio
         raise ExportError(f"the integer format has no weight exponent for layer {name}")
     w_scale = 2.0 ** w_exp
     q = _on_grid(w, w_scale, name)
+    if q.min(initial=0) >= INT8_MIN // 2 and q.max(initial=0) <= INT8_MAX // 2:
+        # Store 2q at half the scale (same real weights): every accumulator is then even. TFLite's
+        # gemmlowp-style requantization (tflite-runtime 2.14, the reference kernels) halves it with a
+        # rounding doubling high multiply before its rounding shift; on an odd accumulator that rounds twice.
+        q, w_scale = (q.astype(np.int16) * 2).astype(np.int8), w_scale / 2
     branches = [(1.0, "")]
     if isinstance(activation, LeakyReLU):
         branches.append((float(activation.slope), ".slope"))  # the negative side: same integers, scaled weights

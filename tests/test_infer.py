@@ -61,9 +61,9 @@ def export(net: Network, digits, path: Path, kind: str) -> Path:
 
 
 # Measured (docs/export.md): tflite-runtime 2.14's int8 kernels round requantization ties away from zero, the
-# engine to even; at 4 bits ties are frequent (a shift of 2 to 4 bits) and each moves a 4-bit activation by
-# a whole step. LiteRT's kernels (XNNPACK and its builtin ones) round like the engine.
-KNOWN = {("tflite-runtime", "mlp", 4): "98.2 %", ("tflite-runtime", "cnn", 4): "83.1 %",
+# engine to even, and (when the weights need all 8 bits) round twice; at 4 bits ties are frequent (a shift of
+# 2 to 4 bits) and each moves a 4-bit activation by a whole step. LiteRT's kernels round like the engine.
+KNOWN = {("tflite-runtime", "mlp", 4): "98.9 %", ("tflite-runtime", "cnn", 4): "87.5 %",
          ("tflite-runtime", "cnn", 8): "99.3 %"}
 
 
@@ -106,8 +106,9 @@ def test_int8_file_holds_int8_weights_and_the_engines_scales(digits, tmp_path: P
     tensors = {graph.Tensors(i).Name().decode(): graph.Tensors(i) for i in range(graph.TensorsLength())}
     for name in ("0.weight", "3.weight", "7.weight"):
         assert tensors[name].Type() == tflite.TensorType.INT8
-        assert tensors[name].Quantization().ScaleAsNumpy().tolist() == [2.0 ** -7]
-    assert tensors["0.weight.slope"].Quantization().ScaleAsNumpy().tolist() == [2.0 ** -7 * 0.125]
+        assert tensors[name].Quantization().ScaleAsNumpy().tolist() in ([2.0 ** -7], [2.0 ** -8])  # 2q at half
+    main_scale = tensors["0.weight"].Quantization().ScaleAsNumpy().tolist()[0]
+    assert tensors["0.weight.slope"].Quantization().ScaleAsNumpy().tolist() == [main_scale * 0.125]
     assert tensors["0.Conv2D.out"].Type() == tflite.TensorType.INT8
     scale = float(tensors["input.int8"].Quantization().ScaleAsNumpy()[0])
     assert np.log2(scale).is_integer()  # a power of two, as the engine's
