@@ -1,6 +1,7 @@
-"""Export a trained global model to ONNX, from a testbed run directory or a basestation store.
+"""Export a trained global model to ONNX or TFLite, from a testbed run directory or a basestation store.
 
     qfl export --run runs/int8 --out int8.onnx                    # the run's newest global model
+    qfl export --run runs/int8 --format tflite --out int8.tflite  # int8 TFLite (n <= 8)
     qfl export --store base.sqlite --experiment exp1 --round 5 --out r5.onnx
 
 The model stored for round R is the one round R starts from, so the model
@@ -40,6 +41,8 @@ class GlobalModel:
     model_hash: str
     bits: int
     weights: dict[str, np.ndarray]
+    dataset: str = "digits"
+    dataset_seed: int = 0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +58,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, default=None, metavar="N",
                         help="put the weights on the N-bit grid (1..32, 32 = stored float32 values; default: the "
                              "precision of the round that produced the model)")
+    parser.add_argument("--format", choices=("onnx", "tflite"), default="onnx",
+                        help="onnx (float32 graph) or tflite (int8 at n <= 8, float32 above)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the exported model")
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE.onnx", help="where to write the model")
+    parser.add_argument("--qdq", action="store_true",
+                        help="onnx at n <= 8: put every Dense/Conv2D input onto its int8 grid with "
+                             "QuantizeLinear/DequantizeLinear, as the engine does (default: float activations)")
+    parser.add_argument("--calibration", type=Path, default=None, metavar="FILE.npz",
+                        help="tflite at n <= 8: inputs (array x) that fix the activation scales (default: the "
+                             "training split of the experiment's dataset)")
+    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write the model")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,8 +82,15 @@ def run(args: argparse.Namespace) -> int:
     metadata = {"qfl.experiment": model.experiment, "qfl.round": str(model.round),
                 "qfl.model_hash": model.model_hash, "qfl.weight_bits": str(model.bits)}
     try:
-        path = export_onnx(get_architecture(model.architecture), model.weights, args.out, opset=args.opset,
-                           metadata=metadata)
+        if args.format == "tflite":
+            path, kind = _export_tflite(model, args.calibration, args.out, metadata)
+        else:
+            fmt = None
+            if args.qdq:
+                fmt, metadata = _integer_format(model, args.calibration, metadata)
+            path = export_onnx(get_architecture(model.architecture), model.weights, args.out, opset=args.opset,
+                               metadata=metadata, fmt=fmt)
+            kind = "onnx" if fmt is None else "onnx int8 QDQ"
     except ImportError as exc:
         raise CommandError(str(exc)) from None
     except ExportError as exc:
@@ -80,9 +98,66 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     grid = "float32 weights as stored" if model.bits == 32 else f"weights on the {model.bits}-bit grid"
-    print(f"experiment {model.experiment!r}, global model of round {model.round} ({model.architecture}, {grid}, "
+    print(f"experiment {model.experiment!r}, global model of round {model.round} ({model.architecture}, {grid}, {kind}, "
           f"hash {model.model_hash[:12]}): wrote {path} ({path.stat().st_size} bytes)")
     return 0
+
+
+def _export_tflite(model: GlobalModel, calibration: Path | None, out: Path,
+                   metadata: dict[str, str]) -> tuple[Path, str]:
+    """Write ``model`` as .tflite: int8 at n <= 8 (scales calibrated on ``calibration`` or the dataset), else float32."""
+    from models import get_architecture
+    from models.tflite import export_tflite
+
+    arch = get_architecture(model.architecture)
+    fmt, metadata = _integer_format(model, calibration, metadata)
+    kind = "tflite float32" if fmt is None else "tflite int8"
+    return export_tflite(arch, model.weights, out, fmt=fmt, metadata=metadata), kind
+
+
+def _integer_format(model: GlobalModel, calibration: Path | None, metadata: dict[str, str]) -> tuple[Any, dict[str, str]]:
+    """The engine's grids for ``model`` at n <= 8 (None above), calibrated, and the metadata naming the calibration."""
+    from edge.infer.fixed_format import integer_format, is_integer_precision
+    from edge.network import Network
+    from models import get_architecture
+
+    if not is_integer_precision(model.bits):
+        return None, metadata
+    arch = get_architecture(model.architecture)
+    x = _calibration_inputs(model, calibration)
+    net = Network(arch, bits=model.bits, seed=0)
+    net.set_weights(model.weights)
+    try:
+        fmt = integer_format(net, x)
+    except ValueError as exc:
+        raise CommandError(f"calibration inputs do not fit the {arch.name!r} model: {exc}") from None
+    source = str(calibration) if calibration is not None else f"{model.dataset} training split"
+    return fmt, {**metadata, "qfl.calibration": f"{source}, {len(x)} samples"}
+
+
+def _calibration_inputs(model: GlobalModel, calibration: Path | None) -> np.ndarray:
+    import numpy as np
+
+    if calibration is None:
+        from edge.data.catalog import load_dataset
+
+        try:
+            return load_dataset(model.dataset, seed=model.dataset_seed).x_train
+        except (ValueError, OSError) as exc:
+            raise CommandError(f"cannot load the dataset {model.dataset!r} to calibrate: {exc}; give "
+                               "--calibration FILE.npz") from None
+    try:
+        with np.load(calibration, allow_pickle=False) as data:
+            if "x" not in data:
+                raise CommandError(f"{calibration} has no array 'x'")
+            x = data["x"]
+    except FileNotFoundError:
+        raise CommandError(f"no calibration file at {calibration}") from None
+    except (ValueError, OSError) as exc:
+        raise CommandError(f"{calibration} is not an .npz file ({exc})") from None
+    if x.dtype.kind not in "fiu" or x.ndim < 2 or len(x) == 0:
+        raise CommandError(f"{calibration}: x must be a non-empty numeric batch, got {x.dtype} {x.shape}")
+    return x.astype(np.float32)
 
 
 def locate_run(run_dir: Path, experiment: str | None) -> tuple[Path, str | None]:
@@ -153,7 +228,9 @@ def load_global_model(store_path: Path, experiment: str | None = None, *, round_
             # Abandoned rounds carry the model over unchanged, so the producer is the last aggregated round.
             producers = [r for r in store.rounds(record.id, status="aggregated") if r.round < round_]
             bits = max(producers, key=lambda r: r.round).n if producers else 32
-    return GlobalModel(record.id, arch, round_, model_hash, bits, _on_grid(arch, weights, bits))
+    dataset, seed = record.config.get("dataset", "digits"), record.config.get("dataset_seed", 0)
+    return GlobalModel(record.id, arch, round_, model_hash, bits, _on_grid(arch, weights, bits),
+                       dataset if isinstance(dataset, str) else "digits", seed if isinstance(seed, int) else 0)
 
 
 def _experiment(store: Any, store_path: Path, experiment: str | None) -> Any:

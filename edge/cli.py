@@ -27,7 +27,10 @@ COMMANDS: dict[str, Entry | dict[str, Entry]] = {
     "report": ("basestation.report.cli", "write the report of one or more finished runs"),
     "train": ("edge.commands.train", "train one model centrally with the fixed-point trainer"),
     "solve": ("basestation.energy.cli", "solve the precision that reaches a target for the least energy"),
-    "edge": ("edge.runtime.cli", "run a device: train, meter, and publish updates over MQTT"),
+    "edge": {
+        "run": ("edge.runtime.cli", "run a device: train, meter, and publish updates over MQTT"),
+        "infer": ("edge.infer.cli", "run an exported model (.tflite or .onnx) on inputs from an .npz file"),
+    },
     "basestation": ("basestation.cli", "run the basestation service that orchestrates rounds"),
     "broker": ("basestation.broker_cli", "run a private Mosquitto broker for a field testbed"),
     "meter": {
@@ -36,9 +39,10 @@ COMMANDS: dict[str, Entry | dict[str, Entry]] = {
     },
     "inspect": ("edge.wire.inspect_cli", "print a decoded summary of an update or model message"),
     "partition": ("edge.data.cli", "split a dataset into per-device shards (.npz)"),
-    "export": ("basestation.export_cli", "export a trained global model to ONNX"),
+    "export": ("basestation.export_cli", "export a trained global model to ONNX or TFLite"),
 }
-GROUP_HELP = {"meter": "read a power meter, or emulate one for a local process"}
+GROUP_HELP = {"meter": "read a power meter, or emulate one for a local process",
+              "edge": "run a device in an experiment, or run an exported model on it"}
 
 
 class CommandError(Exception):

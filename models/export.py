@@ -99,7 +99,7 @@ def check_weights(arch: Architecture, weights: Mapping[str, Any]) -> dict[str, n
 
 
 def export_onnx(arch: Architecture, weights: Mapping[str, Any], path: str | Path, *, opset: int = DEFAULT_OPSET,
-                metadata: Mapping[str, str] | None = None) -> Path:
+                metadata: Mapping[str, str] | None = None, fmt: Any = None) -> Path:
     """Write ``arch`` with ``weights`` (names and layouts of ``Network.get_weights``) as an ONNX model at ``path``.
 
     The weights are stored as given, in float32: pass the dequantized grid
@@ -112,6 +112,12 @@ def export_onnx(arch: Architecture, weights: Mapping[str, Any], path: str | Path
     at all. Returns the path written.
 
         >>> export_onnx(get_architecture("mlp"), net.get_weights(), "mlp.onnx", opset=13)  # doctest: +SKIP
+
+    With ``fmt`` (a ``models.integer_format.IntegerFormat``, n <= 8) the
+    input of every Dense/Conv2D passes a QuantizeLinear/DequantizeLinear pair
+    onto its int8 grid (QDQ), so the float graph computes what the
+    fixed-point engine does: ONNX rounds to nearest, ties to even, like the
+    engine, and every product and sum that follows is exact in float32.
 
     Raises :class:`ExportError` for weights that do not fit ``arch`` or an
     unsupported opset, and ModuleNotFoundError when onnx is not installed.
@@ -137,6 +143,8 @@ def export_onnx(arch: Architecture, weights: Mapping[str, Any], path: str | Path
     last = len(arch.layers) - 1
     for index, layer in enumerate(arch.layers):
         out = OUTPUT_NAME if index == last else f"{index}.out"
+        if fmt is not None and isinstance(layer, (Dense, Conv2D)):
+            current = _qdq(fmt, index, current, nodes, initializers, helper, numpy_helper)
         inputs = [current]
         if isinstance(layer, (Dense, Conv2D)):
             for suffix in ("weight", "bias"):
@@ -160,6 +168,24 @@ def export_onnx(arch: Architecture, weights: Mapping[str, Any], path: str | Path
                                                                       (metadata or {}).items()}})
     onnx.checker.check_model(model, full_check=True)
     return _write_whole(model.SerializeToString(), Path(path))
+
+
+def _qdq(fmt: Any, index: int, current: str, nodes: list, initializers: list, helper: Any,
+         numpy_helper: Any) -> str:
+    """Append QuantizeLinear -> DequantizeLinear putting ``current`` onto layer ``index``'s input grid."""
+    from models.integer_format import int8_params
+
+    grid = fmt.inputs.get(index)
+    if grid is None:
+        raise ExportError(f"the integer format has no input grid for layer {index}")
+    scale, zero = int8_params(grid)
+    names = (f"{index}.input.scale", f"{index}.input.zero_point")
+    initializers.append(numpy_helper.from_array(np.array(scale, np.float32), names[0]))
+    initializers.append(numpy_helper.from_array(np.array(zero, np.int8), names[1]))
+    nodes.append(helper.make_node("QuantizeLinear", [current, *names], [f"{index}.input.q"], name=f"{index}.quantize"))
+    nodes.append(helper.make_node("DequantizeLinear", [f"{index}.input.q", *names], [f"{index}.input.dq"],
+                                  name=f"{index}.dequantize"))
+    return f"{index}.input.dq"
 
 
 def _operator(layer: object) -> str:

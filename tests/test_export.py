@@ -268,3 +268,51 @@ def test_qfl_export_console_script(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "global model of round 2" in done.stdout
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_qfl_export_tflite_and_qdq_onnx_of_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tflite")
+    from edge.data import load_dataset
+    from edge.infer.runtimes import load
+    from models.tflite import read_metadata, read_weights
+
+    store = tmp_path / "s.sqlite"
+    models = make_store(store, "exp", "mlp", [(8, "aggregated"), (16, "aggregated")])
+    x = load_dataset("digits", seed=0).x_test[:64]
+    calibration = tmp_path / "cal.npz"
+    np.savez(calibration, x=x)
+    # Round 2's model came from an 8-bit round: int8, scales calibrated on the given inputs.
+    out = tmp_path / "r2.tflite"
+    assert main(["export", "--store", str(store), "--round", "2", "--format", "tflite", "--calibration",
+                 str(calibration), "--out", str(out)]) == 0
+    assert "tflite int8" in capsys.readouterr().out
+    net = Network(get_architecture("mlp"), bits=8, seed=0)
+    net.set_weights(models[2])
+    meta = read_metadata(out)
+    assert meta["dtype"] == "int8" and meta["qfl.round"] == "2" and meta["qfl.calibration"] == f"{calibration}, 64 samples"
+    for key, value in net.get_weights().items():
+        np.testing.assert_array_equal(read_weights(out, net.arch)[key], value)
+    np.testing.assert_array_equal(load(out, "numpy").run(x), net.predict(x))
+    # The newest (from a 16-bit round) is float32 on the 16-bit grid; the default calibration is not needed.
+    assert main(["export", "--store", str(store), "--format", "tflite", "--out", str(tmp_path / "r3.tflite")]) == 0
+    assert "tflite float32" in capsys.readouterr().out
+    # ONNX with --qdq: QuantizeLinear/DequantizeLinear before each Dense, calibrated on the dataset's train split.
+    qdq = tmp_path / "r2.onnx"
+    assert main(["export", "--store", str(store), "--round", "2", "--qdq", "--opset", "19", "--out", str(qdq)]) == 0
+    ops = [node.op_type for node in onnx.load(str(qdq)).graph.node]
+    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 2
+    assert (run_onnx(qdq, x).argmax(1) == net.predict(x).argmax(1)).mean() >= 0.95
+
+
+def test_qfl_export_tflite_bad_calibration_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tflite")
+    store = tmp_path / "s.sqlite"
+    make_store(store, "exp", "mlp", [(8, "aggregated")])
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, y=np.zeros(3))
+    for calibration, message in ((bad, "has no array 'x'"), (tmp_path / "none.npz", "no calibration file")):
+        assert main(["export", "--store", str(store), "--format", "tflite", "--calibration", str(calibration),
+                     "--out", str(tmp_path / "m.tflite")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    assert not (tmp_path / "m.tflite").exists()

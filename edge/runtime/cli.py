@@ -15,13 +15,10 @@ import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add the ``run`` action and its options."""
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    run_parser = actions.add_parser("run", help="take part in an experiment as one device",
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run_parser.add_argument("--config", required=True, help="the device's device.toml")
-    run_parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                            help="how much to log to stderr")
+    """Add the options of ``qfl edge run``."""
+    parser.add_argument("--config", required=True, help="the device's device.toml")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="how much to log to stderr")
 
 
 def run(args: argparse.Namespace) -> int:
