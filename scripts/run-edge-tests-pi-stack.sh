@@ -19,8 +19,9 @@ if [ -z "$python" ]; then
   exit 1
 fi
 
+# cryptography 38.0.4 is Bookworm's python3-cryptography (Ed25519 model signatures).
 pins=(numpy==1.24.4 tflite-runtime==2.14.0 tflite==2.18.0 "flatbuffers>=23.1" "pyserial>=3.5" "paho-mqtt>=2.0"
-      "pytest>=7.4" "hypothesis>=6.80")
+      cryptography==38.0.4 "pytest>=7.4" "hypothesis>=6.80")
 want="sklearn-nodeps $(printf '%s ' "${pins[@]}") $(sha256sum "$root/pyproject.toml" | cut -c1-16)"
 stamp="$venv/.qfl-pi-installed"
 if [ ! -x "$venv/bin/python" ]; then

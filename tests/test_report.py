@@ -82,7 +82,8 @@ def test_report_writes_html_figures_and_csv(two_run_report) -> None:
     for path in files.figures:
         assert path.read_bytes().startswith(PNG_MAGIC)
     assert sorted(p.name for p in files.csv) == sorted(
-        ["rounds.csv", "energy.csv", "errors.csv", "ground_truth.csv", "comparison.csv", "decisions.csv"])
+        ["rounds.csv", "energy.csv", "errors.csv", "ground_truth.csv", "comparison.csv", "decisions.csv",
+         "rejections.csv"])
 
 
 def test_csv_energy_sums_equal_the_input_records(two_run_report) -> None:
@@ -642,3 +643,26 @@ def test_the_report_command_module_imports_nothing_heavy() -> None:
             "print(sorted(m for m in ('numpy', 'matplotlib', 'basestation.store') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_refused_and_dropped_updates_reach_the_report(tmp_path: Path) -> None:
+    """A bound violation the basestation stored is listed, with its reason, in the HTML and rejections.csv."""
+    from basestation.report import load_run
+    from basestation.store import Store
+
+    root = tmp_path / "attacked"
+    write_run_dir(root, truth=False)
+    (store_path,) = root.glob("*.sqlite")
+    with Store(store_path) as store:
+        store.add_rejection("exp1", "update", "out_of_bounds", device="pi-1", round_=3,
+                            detail="dropped on restart: value 1.7e38 beyond the bound 4")
+        store.add_rejection("exp1", "energy", "out_of_bounds", device="pi-0", round_=4, detail="1e+300 J")
+    run = load_run(root)
+    assert [(r["round"], r["device"], r["kind"], r["reason"]) for r in run.rejections] == [
+        (3, "pi-1", "update", "out_of_bounds"), (4, "pi-0", "energy", "out_of_bounds")]
+    files = write_report([run], tmp_path / "report")
+    rows = read_csv(tmp_path / "report" / "rejections.csv")
+    assert [(r["round"], r["reason"]) for r in rows] == [("3", "out_of_bounds"), ("4", "out_of_bounds")]
+    page = files.html.read_text()
+    assert "Refused and dropped messages" in page and "value 1.7e38 beyond the bound 4" in page
+    assert "the basestation refused nothing" not in page

@@ -64,7 +64,9 @@ class RunData:
     ``ground_truth_j`` maps device to the energy its emulated meter's
     ground-truth log holds over the same intervals as the measured phases
     (``None`` for runs on real hardware). ``notes`` carries what the loader
-    could not read, so the report can say so.
+    could not read, so the report can say so. ``rejections`` holds every
+    message the basestation refused and every update it dropped from an
+    aggregate (round, device, kind, reason, detail), oldest first.
     """
 
     name: str
@@ -75,6 +77,7 @@ class RunData:
     decisions: list[dict]
     ground_truth_j: dict[str, float] | None
     notes: list[str] = field(default_factory=list)
+    rejections: list[dict] = field(default_factory=list)
 
     def sorted_rounds(self) -> list[RoundRecord]:
         """The rounds in round order."""

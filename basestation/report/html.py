@@ -145,6 +145,8 @@ def render_section(section: RunSection) -> str:
     decisions = section.tables["decisions"]
     if decisions.rows:
         parts += ["<details><summary>Solver decisions</summary>", render_table(decisions), "</details>"]
+    parts += ["<h3>Refused and dropped messages</h3>",
+              render_table(section.tables["rejections"], empty="the basestation refused nothing in this run")]
     parts += ["<h3>Rounds</h3>", "<details><summary>All rounds</summary>",
               render_table(section.tables["rounds"], empty="no rounds recorded"), "</details>"]
     if section.config:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ def load_run(path: str | Path, *, experiment: str | None = None) -> RunData:
     name = str(summary.get("name") or config.get("name") or contents.experiment)
     return RunData(name=name, path=run_dir, config=config or contents.config, rounds=contents.rounds,
                    energy=contents.energy, decisions=contents.decisions, ground_truth_j=truth,
-                   notes=contents.notes + truth_notes)
+                   notes=contents.notes + truth_notes, rejections=contents.rejections)
 
 
 def find_store(run_dir: Path, summary: dict) -> Path | None:
@@ -114,6 +114,7 @@ class StoreContents:
     decisions: list[dict]
     windows: list[PhaseWindow]
     notes: list[str]
+    rejections: list[dict] = field(default_factory=list)
 
 
 def read_store(path: Path, experiment: str | None = None) -> StoreContents:
@@ -201,7 +202,9 @@ def _contents(store: Any, record: Any) -> StoreContents:
     kept = {(e.device, e.round, e.phase) for e in energy}
     windows = [w for (device, round_), report in sorted(reports.items())
                for w in phase_windows(device, round_, report) if (w.device, w.round, w.phase) in kept]
-    return StoreContents(experiment, dict(record.config), rounds, energy, decisions, windows, notes)
+    rejections = [{"round": r.round, "device": r.device, "kind": r.kind, "reason": r.reason, "detail": r.detail}
+                  for r in store.rejections(experiment)]
+    return StoreContents(experiment, dict(record.config), rounds, energy, decisions, windows, notes, rejections)
 
 
 def _round(r: Any) -> RoundRecord:

@@ -176,6 +176,14 @@ def decisions_table(runs: list[RunData]) -> Table:
     return Table("decisions", columns, rows)
 
 
+def rejections_table(runs: list[RunData]) -> Table:
+    """What the basestation refused or dropped, with the reason it stored (bounds, screening, signatures...)."""
+    columns = [Column("run", "run"), Column("round", "round", "int"), Column("device", "device"),
+               Column("kind", "message"), Column("reason", "reason"), Column("detail", "detail")]
+    rows = [[run.name] + [r.get(c.name) for c in columns[1:]] for run in runs for r in run.rejections]
+    return Table("rejections", columns, rows)
+
+
 def _kind_of(runs: list[RunData], key: str) -> str:
     values = [d.get(key) for run in runs for d in run.decisions if d.get(key) is not None]
     if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):

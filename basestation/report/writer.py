@@ -150,7 +150,8 @@ def write_report(runs: list[RunData], out_dir: str | Path, *, target_accuracy: f
 
     all_tables = {t.name: t for t in (tables.rounds_table(runs), tables.energy_table(runs),
                                       tables.errors_table(runs), tables.ground_truth_table(runs),
-                                      tables.comparison_table(comparison), tables.decisions_table(runs))}
+                                      tables.comparison_table(comparison), tables.decisions_table(runs),
+                                      tables.rejections_table(runs))}
     csv_paths = [tables.write_csv(t, out / f"{name}.csv") for name, t in all_tables.items()]
     sections = [_run_section(run, slug, row.target, all_tables, figure_dir)
                 for run, slug, row in zip(runs, unique_names([slugify(r.name) for r in runs]), comparison)]
