@@ -19,11 +19,12 @@ its bus input (VIN-, the load side). Sources for the numbers: docs/boards.md.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+
+from firmware_tools.emulator.profiles import read_profile_tables
 
 BOARDS_FILE = Path(__file__).with_name("boards.toml")
 
@@ -78,13 +79,7 @@ class BoardProfile:
 def load_boards(path: str | Path | None = None) -> dict[str, BoardProfile]:
     """Read every profile of a boards TOML file (default: the one shipped beside this module)."""
     path = Path(path) if path is not None else BOARDS_FILE
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise BoardError(f"board profiles file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BoardError(f"board profiles file {path} is not valid TOML: {exc}") from None
+    data = read_profile_tables(path, "board", BoardError)
     wanted = {f.name: f.type for f in fields(BoardProfile) if f.name != "name"}
     boards = {}
     for name, table in data.items():

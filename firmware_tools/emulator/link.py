@@ -26,11 +26,12 @@ import queue
 import socket
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from firmware_tools.emulator.profiles import read_profile_tables
 
 LINKS_FILE = Path(__file__).with_name("links.toml")
 _CHUNK = 65536
@@ -95,13 +96,7 @@ _REQUIRED = ("description", "rate_bps", "latency_s", "tx_power_w", "channel")
 def load_links(path: str | Path | None = None) -> dict[str, LinkProfile]:
     """Every profile of a links TOML file (default: the one shipped beside this module)."""
     path = Path(path) if path is not None else LINKS_FILE
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise LinkProfileError(f"link profiles file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise LinkProfileError(f"link profiles file {path} is not valid TOML: {exc}") from None
+    data = read_profile_tables(path, "link", LinkProfileError)
     links = {}
     for name, table in data.items():
         if not isinstance(table, dict):
