@@ -20,6 +20,7 @@ relative to the file)::
     [round]
     min_devices = 4          # online devices needed before the first round starts
     devices_per_round = 0    # K; 0 selects every online device
+    sampling = "uniform"     # or "importance": q_k ~ 1/sigma_k^2 from the energy reports (unbiased weights)
     quorum = 0.75            # fraction of the selected devices that must answer by the deadline
     deadline_seconds = 60
     extensions = 2           # deadline extensions without a quorum before the round is abandoned
@@ -67,6 +68,7 @@ class RoundSettings:
     extension_seconds: float = 0.0
     report_wait_seconds: float = 3.0
     stop_at_accuracy: float = 0.0  # finish early once a round's accuracy reaches this (0: run every round)
+    sampling: str = "uniform"
 
     @property
     def extension(self) -> float:
@@ -167,6 +169,7 @@ class BasestationConfig:
             extension_seconds=r.number("extension_seconds", 0.0, low=0.0),
             report_wait_seconds=r.number("report_wait_seconds", 3.0, low=0.0),
             stop_at_accuracy=r.number("stop_at_accuracy", 0.0, low=0.0, high=1.0),
+            sampling=r.get("sampling", str, "uniform", choices=("uniform", "importance")),
         )
         r.finish()
         tr = Table(t.table("training"), f"{where} [training]")

@@ -1,7 +1,7 @@
 """Aggregate a round so that the result can always be committed: drop the updates that would poison it.
 
     entries = [Entry(nonce, device, delta, samples), ...]
-    outcome = aggregate_screened(strategy, entries, evaluate, bounds)
+    outcome = aggregate_screened(strategy.accumulator, entries, evaluate, bounds)
     outcome.delta, outcome.weights, outcome.loss   # None when no subset was acceptable
     outcome.dropped                               # [(entry, reason), ...]
 
@@ -9,7 +9,7 @@ Each update passed its own bounds at ingest, so for the mean, median and
 trimmed mean the aggregate is within the same bound; this is the last line
 before the store: it also catches a non-finite model or evaluation (a
 strategy bug, an update stored by an older basestation). Until the result is
-acceptable, the update that pulls hardest (samples x largest |value|) is
+acceptable, the update that pulls hardest (its weight x largest |value|) is
 dropped, with the problem it caused as the reason.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from basestation.bounds import UpdateBounds, check_result
-from basestation.strategies import AggregationError
+from basestation.strategies import Accumulator, AggregationError
 
 Evaluate = Callable[[Mapping[str, np.ndarray]], tuple[dict[str, np.ndarray], float, float]]
 
@@ -34,11 +34,17 @@ class Entry:
     device: str
     delta: Mapping[str, np.ndarray]
     samples: int
+    weight: float | None = None  # the accumulator weight when it is not the sample count (importance sampling)
+
+    @property
+    def accumulator_weight(self) -> float:
+        """What this update is weighted by in the running aggregate."""
+        return float(self.samples) if self.weight is None else self.weight
 
     def pull(self) -> float:
-        """How hard it moves a weighted mean: samples times its largest magnitude (inf if non-finite)."""
+        """How hard it moves a weighted mean: its weight times its largest magnitude (inf if non-finite)."""
         top = max((float(np.max(np.abs(v))) for v in self.delta.values() if np.size(v)), default=0.0)
-        return float(self.samples) * (top if np.isfinite(top) else float("inf"))
+        return self.accumulator_weight * (top if np.isfinite(top) else float("inf"))
 
 
 @dataclass
@@ -66,7 +72,7 @@ def try_result(delta_of: Callable[[], dict[str, np.ndarray]], evaluate: Evaluate
     return (None, problem) if problem else ((delta, weights, loss, accuracy), None)
 
 
-def aggregate_screened(strategy: Any, entries: Sequence[Entry], evaluate: Evaluate, bounds: UpdateBounds,
+def aggregate_screened(new_accumulator: Callable[[], Accumulator], entries: Sequence[Entry], evaluate: Evaluate, bounds: UpdateBounds,
                        first_problem: str | None = None) -> Screened:
     """Drop the hardest-pulling update until the aggregate passes (see the module docstring)."""
     kept = list(entries)
@@ -74,9 +80,9 @@ def aggregate_screened(strategy: Any, entries: Sequence[Entry], evaluate: Evalua
     problem = first_problem
     while kept:
         if problem is None:
-            acc = strategy.accumulator()
+            acc = new_accumulator()
             for e in kept:
-                acc.add(e.delta, e.samples)
+                acc.add(e.delta, e.accumulator_weight)
             result, problem = try_result(acc.result, evaluate, bounds)
             if result is not None:
                 out.delta, out.weights, out.loss, out.accuracy = result

@@ -45,9 +45,9 @@ from firmware_tools.credentials import Credentials
 from basestation.ingest import Ingest, Outcome
 from basestation.screening import Entry, aggregate_screened, try_result
 from basestation.rounds import (RoundProgress, apply_update, evaluate_model, initial_model, quantize_model,
-                                quorum_count, select_devices)
+                                quorum_count)
 from basestation.store import Store, StoreError
-from basestation.strategies import Accumulator, get_strategy
+from basestation.strategies import Accumulator, Selection, get_strategy, sample_devices
 from edge.mqtt import Connected, Message, MqttError, MqttLink, Refused, Topics
 from edge.runtime.messages import RoundPlan
 from edge.wire import decode_message, dequantize, encode_model, model_hash, quantize_update
@@ -68,6 +68,11 @@ class CurrentRound:
     progress: RoundProgress
     accumulator: Accumulator
     model_message: bytes
+    selection: Selection | None = None
+
+    def weight(self, device: str, samples: float) -> float:
+        """The accumulator weight of ``device``'s update (the sampling's unbiased weight, or its samples)."""
+        return float(samples) if self.selection is None else self.selection.weight(device, samples)
 
 
 class Basestation:
@@ -173,7 +178,9 @@ class Basestation:
         plan = RoundPlan.from_json(json.dumps(plan_doc).encode())
         progress = RoundProgress(current.round, current.selected, current.deadline, current.quorum,
                                  current.extensions)
-        accumulator = self.strategy.accumulator()
+        selection = Selection.from_json(plan_doc["sampling"]) if plan_doc.get("sampling") else None
+        accumulator = self._new_accumulator(selection)
+        restored = CurrentRound(plan, progress, accumulator, self._encode_model(current.round), selection)
         self.ingest.open_round(current.round, bytes.fromhex(self.global_hash), current.selected, self.global_weights,
                                bounds=self._bounds(plan))
         for update, payload in self.store.update_payloads(exp, current.round):
@@ -183,9 +190,9 @@ class Basestation:
                 self._drop(current.round, Entry(update.nonce, update.device, delta, update.samples),
                            f"dropped on restart: {problem}")
                 continue
-            accumulator.add(delta, update.samples)
+            accumulator.add(delta, restored.weight(update.device, update.samples))
             progress.answered.add(update.device)
-        self.current = CurrentRound(plan, progress, accumulator, self._encode_model(current.round))
+        self.current = restored
         self.plan = plan
         log.info("round %d is open with %d of %d updates already stored", current.round,
                  len(progress.answered), len(current.selected))
@@ -247,7 +254,8 @@ class Basestation:
                 if outcome.clear is not None:  # delete a device's retained update/report from the broker
                     self.link.publish(outcome.clear, b"", qos=1, retain=True)
                 if outcome.delta is not None and self.current is not None:
-                    self.current.accumulator.add(outcome.delta, outcome.samples)
+                    self.current.accumulator.add(outcome.delta,
+                                                 self.current.weight(outcome.device, outcome.samples))  # type: ignore[arg-type]
                     self.current.progress.answered.add(outcome.device)  # type: ignore[arg-type]
             for message in messages:
                 self.link.ack(message)
@@ -261,7 +269,7 @@ class Basestation:
                     self.plan = dataclasses.replace(self.plan, sync=self.sync)
                     if self.current is not None:
                         self.current.plan = self.plan
-                        self.store.add_plan(self.config.experiment, self.plan.round, json.loads(self.plan.to_json()))
+                        self.store.add_plan(self.config.experiment, self.plan.round, self._plan_doc(self.current))
             self._republish()
 
     def _handle(self, message: Message, now: float) -> Outcome:
@@ -366,7 +374,8 @@ class Basestation:
         self.global_hash, self.global_weights = stored
         records, stats = self._energy_inputs()
         decision = self.policy.decide(number, records, stats)
-        selected = select_devices(eligible, decision.devices_per_round, cfg.seed, number)
+        selection = self._sample(eligible, decision.devices_per_round, number, stats)
+        selected = list(selection.selected)
         quorum = quorum_count(len(selected), cfg.round.quorum)
         plan = RoundPlan(
             experiment=exp, round=number, selected=tuple(selected), n=decision.n, m=decision.m,
@@ -380,10 +389,11 @@ class Basestation:
             if getattr(self.policy, "last_calibration", None) is not None:
                 self.store.add_calibration(exp, number, self.policy.last_calibration.to_dict(), now=now)
             self.store.open_round(exp, number, selected=selected, n=decision.n, m=decision.m, deadline=plan.deadline,
-                                  quorum=quorum, model_hash=self.global_hash, plan=json.loads(plan.to_json()), now=now)
+                                  quorum=quorum, model_hash=self.global_hash,
+                                  plan={**json.loads(plan.to_json()), "sampling": selection.to_json()}, now=now)
         self.plan = plan
         self.current = CurrentRound(plan, RoundProgress(number, tuple(selected), plan.deadline, quorum),
-                                    self.strategy.accumulator(), self._encode_model(number))
+                                    selection.accumulator(self.strategy), self._encode_model(number), selection)
         self.ingest.open_round(number, bytes.fromhex(self.global_hash), selected, self.global_weights,
                                bounds=self._bounds(plan))
         self._republish()
@@ -392,10 +402,29 @@ class Basestation:
         log.info("round %d: %d devices selected (quorum %d), n=%d m=%d I=%d (%s)", number, len(selected), quorum,
                  decision.n, decision.m, decision.local_iters, decision.reason)
 
+    @staticmethod
+    def _plan_doc(current: CurrentRound) -> dict[str, Any]:
+        """The plan as stored: the published plan plus the round's sampling record (for resume)."""
+        doc = json.loads(current.plan.to_json())
+        if current.selection is not None:
+            doc["sampling"] = current.selection.to_json()
+        return doc
+
+    def _sample(self, eligible: list[str], k: int, number: int, stats: list[Any]) -> Selection:
+        """This round's devices by the configured sampling (basestation.strategies.sample_devices)."""
+        sizes = {d.device: d.dataset_size for d in self.store.devices(self.config.experiment) if d.dataset_size}
+        variances = {s.device: s.grad_variance for s in sorted(stats, key=lambda s: s.round)}  # newest wins
+        return sample_devices(self.config.round.sampling, eligible, k, seed=self.config.seed, round_=number,
+                              samples=sizes, variances=variances)
+
     def _encode_model(self, round_: int) -> bytes:
         tensors = quantize_update(self.global_weights, 32, None)
         return encode_model(tensors, experiment=self.config.experiment, round=round_,
                             key=self.credentials.model_signing_key)
+
+    def _new_accumulator(self, selection: Selection | None) -> Accumulator:
+        """An empty running aggregate for a round with ``selection`` (unbiased sums under importance sampling)."""
+        return selection.accumulator(self.strategy) if selection else self.strategy.accumulator()
 
     def _bounds(self, plan: RoundPlan) -> UpdateBounds:
         return UpdateBounds.for_round(plan.n, self.config.bounds)
@@ -423,17 +452,18 @@ class Basestation:
         result, problem = try_result(current.accumulator.result, evaluate, bounds)
         if result is not None:
             return result
-        entries = [Entry(u.nonce, u.device, dequantize(decode_message(p).tensors), u.samples)
+        entries = [Entry(u.nonce, u.device, dequantize(decode_message(p).tensors), u.samples,
+                         current.weight(u.device, u.samples))
                    for u, p in self.store.update_payloads(cfg.experiment, plan.round)]
-        screened = aggregate_screened(self.strategy, entries, evaluate, bounds, first_problem=problem)
+        screened = aggregate_screened(lambda: self._new_accumulator(current.selection), entries, evaluate, bounds, first_problem=problem)
         for entry, reason in screened.dropped:
             self._drop(plan.round, entry, reason)
             current.progress.answered.discard(entry.device)
         if screened.delta is None:
             return None
-        current.accumulator = self.strategy.accumulator()
+        current.accumulator = self._new_accumulator(current.selection)
         for entry in screened.kept:
-            current.accumulator.add(entry.delta, entry.samples)
+            current.accumulator.add(entry.delta, entry.accumulator_weight)
         return screened.delta, screened.weights, screened.loss, screened.accuracy
 
     def _aggregate(self, current: CurrentRound) -> None:
@@ -461,8 +491,8 @@ class Basestation:
         deadline = max(now, progress.deadline) + self.config.round.extension
         current.plan = self.plan = dataclasses.replace(current.plan, deadline=deadline, issued_at=now)
         with self.store.transaction():
-            self.store.extend_round(self.config.experiment, progress.round, deadline,
-                                    json.loads(current.plan.to_json()), now=now)
+            self.store.extend_round(self.config.experiment, progress.round, deadline, self._plan_doc(current),
+                                    now=now)
         progress.deadline = deadline
         progress.extensions += 1
         self.link.publish(self.topics.round, current.plan.to_json(), qos=1, retain=True)

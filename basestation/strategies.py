@@ -261,3 +261,157 @@ def get_strategy(spec: str) -> FedAvg | Median | TrimmedMean:
         except ValueError as exc:
             raise ValueError(f"bad strategy {spec!r}: {exc}") from None
     raise ValueError(f"unknown strategy {spec!r}; choose 'fedavg', 'median' or 'trimmed_mean:BETA' (0 <= BETA < 0.5)")
+
+
+# ---- client sampling (who trains in a round, and with which aggregation weight) ----
+
+SAMPLINGS = ("uniform", "importance")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The devices asked to train in one round and the weight each update gets.
+
+    ``draws`` counts how often each device was drawn (importance sampling
+    draws with replacement); ``probability`` is ``q_k``, the chance of one
+    draw picking the device; ``shares`` is ``p_k = n_k / sum n`` over the
+    population sampled from. With ``unbiased`` the aggregate is
+    ``sum_k c_k delta_k`` with ``c_k = p_k draws_k / (K q_k)``, whose
+    expectation over the draws is ``sum_k p_k delta_k`` (the full-participation
+    FedAvg step); without it (everyone selected) it is plain FedAvg.
+    """
+
+    scheme: str
+    k: int
+    selected: tuple[str, ...]
+    draws: dict[str, int]
+    probability: dict[str, float]
+    shares: dict[str, float]
+    unbiased: bool
+
+    def coefficient(self, device: str) -> float:
+        """``c_k`` of ``device``: the factor its update is multiplied by in the aggregate."""
+        if not self.unbiased:
+            return self.shares[device]
+        return self.shares[device] * self.draws[device] / (self.k * self.probability[device])
+
+    def weight(self, device: str, samples: float) -> float:
+        """The weight to feed the round's accumulator for an update of ``device`` with ``samples`` samples.
+
+        Unbiased: ``c_k`` (the accumulator sums without dividing; ``p_k`` comes
+        from the hello's sample count). Otherwise the sample count (FedAvg).
+        """
+        return self.coefficient(device) if self.unbiased else float(samples)
+
+    def accumulator(self, strategy: "Strategy") -> Accumulator:
+        """The accumulator of a round with this selection: fixed-denominator sums for unbiased FedAvg."""
+        if self.unbiased and isinstance(strategy, FedAvg):
+            return FixedSum()
+        return strategy.accumulator()
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-safe record of the selection (stored beside the round's plan)."""
+        return {"scheme": self.scheme, "k": self.k, "selected": list(self.selected), "draws": dict(self.draws),
+                "probability": dict(self.probability), "shares": dict(self.shares), "unbiased": self.unbiased}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, object]) -> "Selection":
+        """Inverse of :meth:`to_json`."""
+        return cls(scheme=str(doc["scheme"]), k=int(doc["k"]), selected=tuple(doc["selected"]),  # type: ignore
+                   draws={str(k): int(v) for k, v in dict(doc["draws"]).items()},  # type: ignore[arg-type]
+                   probability={str(k): float(v) for k, v in dict(doc["probability"]).items()},  # type: ignore
+                   shares={str(k): float(v) for k, v in dict(doc["shares"]).items()},  # type: ignore
+                   unbiased=bool(doc["unbiased"]))
+
+
+@dataclass
+class FixedSum(PartialSum):
+    """``sum_k w_k values_k`` (weights already hold ``c_k``), not divided by the sum of weights."""
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The weighted sum, float32."""
+        if not self.count:
+            raise AggregationError("no results to aggregate")
+        out = {}
+        for name, total in self.sums.items():
+            if not np.all(np.isfinite(total)):
+                raise AggregationError(f"tensor {name!r} holds non-finite values")
+            out[name] = total.astype(np.float32)
+        return out
+
+
+def check_sampling(scheme: str) -> str:
+    """``scheme`` if it is a known sampling scheme, else ValueError naming the choices."""
+    if scheme not in SAMPLINGS:
+        raise ValueError(f"unknown sampling scheme {scheme!r}; choose 'uniform' or 'importance'")
+    return scheme
+
+
+def importance_probabilities(devices: Sequence[str], variances: Mapping[str, float]) -> dict[str, float]:
+    """``q_k`` proportional to ``1 / sigma_k^2`` (Kim et al. 2022, reference/kim2022-model.md).
+
+    A device without a usable report yet (none, zero, non-finite) gets the
+    median of the known variances, so it is neither starved nor favoured;
+    with no report at all the probabilities are uniform.
+
+        >>> importance_probabilities(["a", "b"], {"a": 1.0, "b": 3.0})
+        {'a': 0.75, 'b': 0.25}
+    """
+    known = {d: float(v) for d, v in variances.items()
+             if d in set(devices) and v is not None and math.isfinite(float(v)) and float(v) > 0}
+    if not known:
+        return {d: 1.0 / len(devices) for d in devices}
+    fill = float(np.median(list(known.values())))
+    inverse = {d: 1.0 / known.get(d, fill) for d in devices}
+    total = math.fsum(inverse.values())
+    return {d: inverse[d] / total for d in devices}
+
+
+def sample_devices(scheme: str, population: Sequence[str], k: int, *, seed: int, round_: int,
+                   samples: Mapping[str, int] | None = None,
+                   variances: Mapping[str, float] | None = None) -> Selection:
+    """Draw the devices of one round; pure and seeded by (seed, round).
+
+    ``uniform``: ``k`` distinct devices, every subset equally likely
+    (inclusion probability ``k/N``; the weights use ``q_k = 1/N`` per draw).
+    ``importance``: ``k`` draws with replacement from ``q_k ∝ 1/sigma_k^2``;
+    a device drawn twice trains once and counts twice. ``k <= 0`` or
+    ``k >= N`` (uniform) selects everyone and aggregates with plain FedAvg.
+    ``samples`` (device -> sample count, from the hellos) gives ``p_k``; a
+    device missing from it counts as the mean.
+
+        >>> s = sample_devices("uniform", ["a", "b", "c", "d"], 2, seed=0, round_=1, samples={"a": 10, "b": 10,
+        ...                    "c": 10, "d": 10})
+        >>> len(s.selected), round(sum(s.coefficient(d) for d in s.selected), 6)
+        (2, 1.0)
+    """
+    check_sampling(scheme)
+    pool = sorted(set(population))
+    if not pool:
+        return Selection(scheme, 0, (), {}, {}, {}, False)
+    shares = _shares(pool, samples or {})
+    if k <= 0 or (k >= len(pool) and scheme == "uniform"):
+        return Selection(scheme, len(pool), tuple(pool), {d: 1 for d in pool}, {d: 1.0 for d in pool}, shares,
+                         False)
+    rng = np.random.default_rng([seed, round_, SAMPLINGS.index(scheme)])
+    if scheme == "uniform":
+        chosen = rng.choice(len(pool), size=k, replace=False)
+        draws = {pool[i]: 1 for i in chosen}
+        probability = {d: 1.0 / len(pool) for d in pool}
+    else:
+        probability = importance_probabilities(pool, variances or {})
+        picks = rng.choice(len(pool), size=k, replace=True, p=[probability[d] for d in pool])
+        draws = {}
+        for i in picks:
+            draws[pool[i]] = draws.get(pool[i], 0) + 1
+    selected = tuple(sorted(draws))
+    return Selection(scheme, k, selected, draws, {d: probability[d] for d in selected},
+                     {d: shares[d] for d in selected}, True)
+
+
+def _shares(pool: Sequence[str], samples: Mapping[str, int]) -> dict[str, float]:
+    known = [float(samples[d]) for d in pool if samples.get(d)]
+    fill = math.fsum(known) / len(known) if known else 1.0
+    counts = {d: float(samples.get(d) or fill) for d in pool}
+    total = math.fsum(counts.values())
+    return {d: counts[d] / total for d in pool}

@@ -36,6 +36,7 @@ COMMANDS: dict[str, Entry | dict[str, Entry]] = {
     "meter": {
         "read": ("edge.meter.cli", "live readout and an energy summary from a meter"),
         "emulate": ("firmware_tools.emulator.cli", "emulate a meter for a running process on a pseudo-terminal"),
+        "fleet": ("firmware_tools.emulator.fleet_cli", "emulate the meters of many processes in one process"),
     },
     "inspect": ("edge.wire.inspect_cli", "print a decoded summary of an update or model message"),
     "partition": ("edge.data.cli", "split a dataset into per-device shards (.npz)"),

@@ -48,7 +48,7 @@ def evaluate(delta):
 
 @pytest.mark.parametrize("strategy", ["fedavg", "median", "trimmed_mean:0.25"])
 def test_the_update_that_poisons_the_aggregate_is_dropped_and_the_rest_aggregated(strategy: str) -> None:
-    screened = aggregate_screened(get_strategy(strategy), entries(), evaluate, UpdateBounds(1e39))
+    screened = aggregate_screened(get_strategy(strategy).accumulator, entries(), evaluate, UpdateBounds(1e39))
     if strategy == "fedavg":
         assert [(e.device, "dropped from the aggregate" in r) for e, r in screened.dropped] == [("evil", True)]
         assert "not finite" in screened.dropped[0][1]
@@ -60,7 +60,7 @@ def test_the_update_that_poisons_the_aggregate_is_dropped_and_the_rest_aggregate
 
 def test_nothing_acceptable_leaves_no_result() -> None:
     only_bad = [entries()[1]]
-    screened = aggregate_screened(get_strategy("fedavg"), only_bad, evaluate, UpdateBounds(4.0))
+    screened = aggregate_screened(get_strategy("fedavg").accumulator, only_bad, evaluate, UpdateBounds(4.0))
     assert screened.delta is None and screened.kept == [] and len(screened.dropped) == 1
     assert "bound is 4" in screened.dropped[0][1]
 

@@ -23,6 +23,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--devices", type=int, default=_DEFAULTS.devices, help="edge processes, each with its own emulated meter")
     add("--rounds", type=int, default=_DEFAULTS.rounds, help="federated rounds to run")
     add("--dataset", default=_DEFAULTS.dataset, help="'digits', 'mnist-subset', 'mnist:DIR' or 'fashion-mnist:DIR'")
+    add("--per-round", type=int, default=None, metavar="K",
+        help="devices sampled per round (default: all); the others wait at idle power and send nothing")
+    add("--sampling", default=_DEFAULTS.sampling,
+        help="how the K devices are drawn: 'uniform' or 'importance' (q_k ~ 1/sigma_k^2 from the devices' "
+             "reported gradient variance); both aggregate with the unbiased weights")
+    add("--meters", default=_DEFAULTS.meters, choices=("fleet", "process"),
+        help="'fleet': one process emulates every meter (a pty each, power from each device's own process); "
+             "'process': one emulator process per device")
     add("--model", default=_DEFAULTS.model, help="architecture from models/ (mlp, mlp-mnist, cnn, cnn-mnist)")
     add("--partition", default=_DEFAULTS.partition, help="'iid', 'dirichlet:ALPHA' or 'shards:K'")
     add("--policy", default=_DEFAULTS.policy, choices=POLICIES,
@@ -66,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         devices=args.devices, rounds=args.rounds, dataset=args.dataset, model=args.model, partition=args.partition,
         policy=args.policy, bits=args.bits, uplink_bits=args.uplink_bits, board=args.board,
         iterations=args.iterations, lr=args.lr, deadline_seconds=args.deadline, seed=args.seed,
+        per_round=args.per_round, sampling=args.sampling, meters=args.meters,
         target_accuracy=args.target_accuracy, out=args.out, name=args.name, link=args.link,
         stop_at_target=args.stop_at_target, history=args.history)
     console = Console(stderr=args.json, soft_wrap=True)

@@ -51,11 +51,11 @@ def prepare_run(settings: TestbedSettings, broker_url: str) -> RunLayout:
     root = settings.run_dir
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"run directory {root} exists and is not empty; choose another --name or --out")
+    dataset = load_dataset(settings.dataset, seed=settings.seed)  # a missing dataset fails before anything is written
     root.mkdir(parents=True, exist_ok=True)
     config = root / "config.json"
     config.write_text(json.dumps(settings.to_json(), indent=2) + "\n")
 
-    dataset = load_dataset(settings.dataset, seed=settings.seed)
     shards = root / "shards"
     for index, part in enumerate(partition(dataset.y_train, settings.devices, settings.partition, seed=settings.seed)):
         save_shard(shards / f"device-{index:03d}.npz", dataset.x_train[part], dataset.y_train[part])
@@ -82,7 +82,8 @@ def basestation_toml(settings: TestbedSettings, layout: RunLayout, broker_url: s
     sections = {
         "broker": {"url": broker_url},
         "round": {"min_devices": settings.devices, "quorum": settings.quorum,
-                  "deadline_seconds": settings.deadline_seconds},
+                  "deadline_seconds": settings.deadline_seconds, "devices_per_round": settings.per_round or 0,
+                  "sampling": settings.sampling},
         "training": {"iterations": settings.iterations, "lr": settings.lr, "batch_size": settings.batch_size,
                      "mode": settings.mode},
         "precision": {"policy": settings.policy, "n": settings.bits, "m": settings.uplink_bits},

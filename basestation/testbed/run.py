@@ -71,6 +71,8 @@ def run_testbed(settings: TestbedSettings, console: Console) -> RunResult:
             station = children.start("basestation", qfl_argv("basestation", "serve", "--config",
                                                              str(layout.basestation_config)),
                                      log=layout.logs / "basestation.log")
+            if settings.meters == "fleet":
+                _start_fleet(children, layout, settings)
             edges = [_start_device(children, layout, device, index, settings)
                      for index, device in enumerate(sorted(layout.devices))]
             _follow(settings, layout, station, edges, children, console)
@@ -107,19 +109,25 @@ def _start_broker(settings: TestbedSettings) -> tuple[Broker, RunLayout]:
 def _start_device(children: Supervisor, layout: RunLayout, device: str, index: int,
                   settings: TestbedSettings) -> Child:
     """Start one edge process, then the meter emulator that watches it."""
-    net: list[str] = []
+    net: dict[str, object] | None = None
     if settings.link != "loopback":  # the device talks to its meter's relay, which forwards to the broker
         relay = free_port()
-        broker = _point_device_at(layout.device_config(device), relay)
-        net = ["--net", settings.link, "--relay-port", str(relay), "--upstream", broker,
-               "--net-seed", str(settings.seed), "--net-index", str(index)]
+        net = {"profile": settings.link, "relay_port": relay,
+               "upstream": _point_device_at(layout.device_config(device), relay),
+               "seed": settings.seed, "index": index}
     edge = children.start(device, qfl_argv("edge", "run", "--config", str(layout.device_config(device))),
                           log=layout.logs / f"{device}.log")
+    if settings.meters == "fleet":
+        entry = {"pid": edge.pid, "link": str(layout.meter_link(device)), "seed": settings.seed * 1000 + index,
+                 "ground_truth": str(layout.ground_truth / f"{device}.csv"), "net": net}
+        with open(layout.root / FLEET_SPEC, "a") as spec:  # the fleet emulator picks it up within a tick
+            spec.write(json.dumps(entry) + "\n")
+        return edge
     children.start(f"meter-{device}", qfl_argv(
         "meter", "emulate", "--pid", str(edge.pid), "--board", settings.board,
         "--link", str(layout.meter_link(device)), "--seed", str(settings.seed * 1000 + index),
         "--rate", str(settings.meter_rate_hz), "--tick-ms", str(settings.meter_tick_ms),
-        "--ground-truth", str(layout.ground_truth / f"{device}.csv"), *net),
+        "--ground-truth", str(layout.ground_truth / f"{device}.csv"), *_net_flags(net)),
         log=layout.logs / f"meter-{device}.log")
     return edge
 
@@ -132,6 +140,27 @@ def _point_device_at(config: Path, port: int) -> str:
         raise TestbedError(f"{config} has no plain mqtt:// broker url to route through the link relay")
     config.write_text(text[:match.start()] + f'url = "mqtt://127.0.0.1:{port}"' + text[match.end():])
     return f"{match.group(1)}:{match.group(2)}"
+
+
+def _net_flags(net: dict[str, object] | None) -> list[str]:
+    """``qfl meter emulate``'s flags for the uplink ``net`` (none on loopback)."""
+    if net is None:
+        return []
+    return ["--net", str(net["profile"]), "--relay-port", str(net["relay_port"]), "--upstream", str(net["upstream"]),
+            "--net-seed", str(net["seed"]), "--net-index", str(net["index"])]
+
+
+FLEET_SPEC = "fleet.jsonl"
+FLEET_STATS = "fleet-stats.json"
+
+
+def _start_fleet(children: Supervisor, layout: RunLayout, settings: TestbedSettings) -> Child:
+    """Start the one process that emulates every device's meter (devices are added to its spec file)."""
+    (layout.root / FLEET_SPEC).write_text("")
+    return children.start("meters", qfl_argv(
+        "meter", "fleet", "--spec", str(layout.root / FLEET_SPEC), "--board", settings.board,
+        "--rate", str(settings.fleet_rate_hz), "--tick-ms", str(settings.fleet_tick_ms),
+        "--stats", str(layout.root / FLEET_STATS)), log=layout.logs / "meters.log")
 
 
 def _follow(settings: TestbedSettings, layout: RunLayout, station: Child, edges: list[Child],

@@ -10,6 +10,8 @@ from typing import Any
 
 POLICIES = ("measured", "measured-fit", "model", "fixed")
 BOARDS = ("pi-zero-2w", "pi4", "pi5")
+SAMPLINGS = ("uniform", "importance")
+METERS = ("fleet", "process")
 
 
 class SettingsError(ValueError):
@@ -37,9 +39,14 @@ class TestbedSettings:
     batch_size: int = 32
     mode: str = "int"
     deadline_seconds: float = 30.0
+    per_round: int | None = None
+    sampling: str = "uniform"
     quorum: float = 0.75
     meter_rate_hz: int = 1000
     meter_tick_ms: float = 2.0
+    meters: str = "fleet"
+    fleet_tick_ms: float = 10.0
+    fleet_sample_budget: int = 12_500  # samples/s over all fleet meters (~0.3 core on a 2-core test machine)
     target_accuracy: float = 0.9
     out: Path = Path("runs")
     name: str = ""
@@ -53,6 +60,13 @@ class TestbedSettings:
             raise SettingsError(f"--devices must be 1..64 on one machine, got {self.devices}")
         if not 1 <= self.rounds <= 10_000:
             raise SettingsError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.per_round is not None and not 1 <= self.per_round <= self.devices:
+            raise SettingsError(f"--per-round must be 1..{self.devices} (the number of --devices), "
+                                f"got {self.per_round}")
+        if self.sampling not in SAMPLINGS:
+            raise SettingsError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.meters not in METERS:
+            raise SettingsError(f"--meters must be one of {', '.join(METERS)}, got {self.meters!r}")
         if self.policy not in POLICIES:
             raise SettingsError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.board not in BOARDS:
@@ -85,6 +99,11 @@ class TestbedSettings:
     def run_dir(self) -> Path:
         """Where this run writes everything."""
         return self.out / self.name
+
+    @property
+    def fleet_rate_hz(self) -> int:
+        """The meter rate of a fleet run: ``meter_rate_hz`` until the fleet's sample budget is shared out."""
+        return int(min(self.meter_rate_hz, max(100, self.fleet_sample_budget // self.devices)))
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe dict, written to the run's ``config.json``."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from basestation.report import metrics
@@ -35,6 +38,9 @@ def summarize(settings: TestbedSettings, layout: RunLayout, run: RunData, second
         "final_accuracy": rounds[-1].accuracy if rounds else None,
         "accuracy": [r.accuracy for r in rounds],
         "bits": [[r.bits_n, r.bits_m] for r in rounds],
+        "per_round": settings.per_round or settings.devices,
+        "sampling": settings.sampling,
+        "participants": participants(layout.store, settings.experiment),
         "energy_j": metrics.total_measured_j(run),
         "energy_above_idle_j": math.fsum(r.joules_above_idle for r in run.energy),
         "energy_model_j": _sum_or_none(r.model_joules for r in run.energy),
@@ -48,7 +54,35 @@ def summarize(settings: TestbedSettings, layout: RunLayout, run: RunData, second
         "target_round": target.round,
         "energy_to_target_j": target.joules,
         "seconds": seconds,
+        "meters": settings.meters,
+        "fleet": _fleet_stats(layout),
+        "loadavg_end": list(os.getloadavg()),
     }
+
+
+def participants(store: Path, experiment: str) -> list[dict[str, Any]]:
+    """For every aggregated round, the ids of the devices whose updates it aggregated (from the store)."""
+    from basestation.store import Store
+
+    db = Store(store, readonly=True)
+    try:
+        by_round: dict[int, set[str]] = {}
+        for update in db.updates(experiment):
+            if update.status == "aggregated":
+                by_round.setdefault(update.round, set()).add(update.device)
+        aggregated = [r.round for r in db.rounds(experiment) if r.status == "aggregated"]
+    finally:
+        db.close()
+    return [{"round": r, "devices": sorted(by_round.get(r, ()))} for r in aggregated]
+
+
+def _fleet_stats(layout: RunLayout) -> dict[str, Any] | None:
+    """The fleet emulator's loop statistics (tick intervals, CPU, load, warnings), when it ran."""
+    path = layout.root / "fleet-stats.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _sum_or_none(values) -> float | None:

@@ -167,31 +167,51 @@ class MeterEmulator:
 
     def run(self) -> int:
         """The emulator loop, in the calling thread, until ``stop()`` or the watched process ends."""
-        self.link = PtyLink(self.link_path)
-        truth = GroundTruthLog(self.ground_truth) if self.ground_truth is not None else None
+        self.open()
         try:
-            self._t0 = time.monotonic()
-            first = self._watcher.sample()
-            self._prev_host, self._prev_cpu, self._prev_written = self._t0, first.cpu_seconds, first.bytes_written
-            self._next_host = self._t0
-            self._boot(self._t0)
             self._ready.set()
             while not self._stop.is_set():
                 began = time.monotonic()
-                if not self._step(began, truth):
-                    self.exit_reason = f"watched process {self.pid} ended"
+                if not self.tick(began):
                     break
                 self.link.wait((self.tick_seconds - (time.monotonic() - began)) * 1000.0)
             else:
                 self.exit_reason = "stopped"
         finally:
-            self.link.close()
-            if truth is not None:
-                truth.close()
-            self._watcher.close()
-            self.stats.dropped_bytes = self.link.dropped_bytes
+            self.close()
             self._ready.set()
         return 0
+
+    def open(self) -> None:
+        """Create the link and the ground-truth log and boot the meter (for a caller that drives ``tick``)."""
+        self.link = PtyLink(self.link_path)
+        try:
+            self._truth = GroundTruthLog(self.ground_truth) if self.ground_truth is not None else None
+        except BaseException:
+            self.link.close()
+            raise
+        self._t0 = time.monotonic()
+        first = self._watcher.sample()
+        self._prev_host, self._prev_cpu, self._prev_written = self._t0, first.cpu_seconds, first.bytes_written
+        self._next_host = self._t0
+        self._boot(self._t0)
+
+    def tick(self, now: float) -> bool:
+        """One tick at host time ``now``; False (and ``exit_reason`` set) once the watched process ended."""
+        if self._step(now, self._truth):
+            return True
+        self.exit_reason = f"watched process {self.pid} ended"
+        return False
+
+    def close(self) -> None:
+        """Close the pty (removing the link), the ground-truth log and the /proc files; idempotent."""
+        if self.link is not None:
+            self.link.close()
+            self.stats.dropped_bytes = self.link.dropped_bytes
+        truth = getattr(self, "_truth", None)
+        if truth is not None:
+            truth.close()
+        self._watcher.close()
 
     # --- one tick --------------------------------------------------------------------------------
     def _boot(self, now: float) -> None:
