@@ -67,12 +67,15 @@ class LightDevice:
     def stop(self) -> None:
         """Publish offline and disconnect."""
         self._stop.set()
+        self.link.wake()
         self._thread.join(5.0)
         self.link.stop(publish=(self.topics.device(self.device, "status"), status_payload(self.device, "offline")))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            event = self.link.next_event(0.1)
+            # Blocks until an event or stop()'s wake-up: a thousand devices polling
+            # ten times a second would cost the load generator more than the basestation.
+            event = self.link.next_event()
             if isinstance(event, Connected):
                 hello = {"kind": "hello", "device": self.device, "experiment": self.experiment,
                          "dataset_size": self.samples, "board": "loadgen", "meter_id": None, "software": "loadgen",

@@ -403,6 +403,10 @@ class MqttLink:
         except queue.Empty:
             return None
 
+    def wake(self) -> None:
+        """Make a ``next_event`` that is waiting (with no timeout) return None now."""
+        self.events.put(None)  # type: ignore[arg-type]
+
     # ---- paho callbacks (network thread) ----
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
