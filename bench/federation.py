@@ -15,7 +15,10 @@
    runs it, without the network). Baselines: verification and decoding
    alone, and the same updates delivered through Mosquitto into the
    service's loop. Goal: >= 1,000 updates/s.
-3. The edge runtime's peak memory (VmHWM) on the digits MLP: ``qfl edge run``
+3. Ingest scaling: updates/s against 1, 2 and 4 worker processes on an
+   MQTT 5 shared subscription (``bench/ingest_scale.py``, which also runs
+   alone with more options). Goal: >= 0.7 of linear up to the core count.
+4. The edge runtime's peak memory (VmHWM) on the digits MLP: ``qfl edge run``
    taking part in rounds, against ``python -c "import numpy, paho.mqtt"``
    measured the same way. Goal: <= 120 MB.
 
@@ -51,6 +54,7 @@ from basestation.strategies import FedAvg
 from edge.mqtt import BrokerSettings, Message, MqttLink, Topics, connect_blocking
 from edge.wire import encode_update, model_hash, quantize_update, verify_update
 from firmware_tools.provision import toml_text
+from ingest_scale import scaling
 
 EXP = "bench"
 GOALS = {"round_overhead_ms": 300.0, "ingest_updates_per_s": 1000.0, "edge_peak_mb": 120.0}
@@ -341,6 +345,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30, help="rounds of the overhead measurement")
     parser.add_argument("--updates", type=int, default=2000, help="updates of the ingest measurement")
     parser.add_argument("--via-broker", type=int, default=500, help="updates of the through-the-broker measurement")
+    parser.add_argument("--scale-updates", type=int, default=600, help="updates of the worker-scaling measurement")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="qfl-bench-federation-"))
     try:
@@ -350,6 +355,7 @@ def main() -> None:
             "round_overhead": round_overhead(root / "overhead", args.rounds),
             "ingest": ingest_throughput(root / "ingest", args.updates),
             "ingest_via_broker": ingest_via_broker(root / "via", args.via_broker),
+            "ingest_scaling": scaling(args.scale_updates, (1, 2, 4), repeats=1),
             "edge_memory": edge_memory(root / "memory", 3),
         }
     finally:

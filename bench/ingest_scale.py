@@ -140,16 +140,11 @@ def measure(broker: Broker, creds: Credentials, workers: int, payloads, keys, ba
             "per_worker": [part[4] for part in parts], "same_as_one_process": exact}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--updates", type=int, default=600)
-    parser.add_argument("--workers", default="1,2,4")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="passes over the worker counts, interleaved; each row reports the median pass")
-    args = parser.parse_args()
+def scaling(updates: int = 600, counts: tuple[int, ...] = (1, 2, 4), repeats: int = 3) -> dict:
+    """The whole measurement: the floor, then ``repeats`` interleaved passes over the worker ``counts``."""
     rng = np.random.default_rng(0)
     creds = Credentials(EXP, "basestation", rng.bytes(8).hex(), rng.bytes(32))
-    devices = [f"d{i:05d}" for i in range(args.updates)]
+    devices = [f"d{i:05d}" for i in range(updates)]
     keys = {d: rng.bytes(32) for d in devices}
     reference = {"0.weight": np.zeros((1000, 99), np.float32), "0.bias": np.zeros(1000, np.float32)}
     base = model_hash(reference)
@@ -167,9 +162,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         with Broker(Path(tmp) / "broker", accounts=creds.accounts(), experiment=EXP) as broker:
             floor = measure(broker, creds, 1, payloads, keys, base, expected, null=True)
-            counts = [int(w) for w in args.workers.split(",")]
-            passes = {n: [] for n in counts}
-            for _ in range(args.repeats):  # interleaved, so a busy spell on the shared machine hits every count
+            passes: dict[int, list[dict]] = {n: [] for n in counts}
+            for _ in range(repeats):  # interleaved, so a busy spell on the shared machine hits every count
                 for n in counts:
                     passes[n].append(measure(broker, creds, n, payloads, keys, base, expected))
             for n in counts:
@@ -181,8 +175,18 @@ def main() -> None:
     for row in rows:
         row["speedup"] = row["updates_per_s"] / base_rate
         row["fraction_of_linear"] = row["speedup"] / (row["workers"] / rows[0]["workers"])
-    print(json.dumps({"bench": "ingest_scale", "updates": args.updates, "cores": os.cpu_count(),
-                      "floor": floor, "rows": rows}, indent=2))
+    return {"updates": updates, "cores": os.cpu_count(), "floor": floor, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--updates", type=int, default=600)
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="passes over the worker counts, interleaved; each row reports the median pass")
+    args = parser.parse_args()
+    result = scaling(args.updates, tuple(int(w) for w in args.workers.split(",")), args.repeats)
+    print(json.dumps({"bench": "ingest_scale", **result}, indent=2))
 
 
 if __name__ == "__main__":
