@@ -123,8 +123,11 @@ class PartialSum:
         for name, total in self.sums.items():
             if not np.all(np.isfinite(total)):
                 raise AggregationError(f"tensor {name!r} holds non-finite values")
-            out[name] = (total / self.weight).astype(np.float32)
+            out[name] = (total / self._divisor()).astype(np.float32)
         return out
+
+    def _divisor(self) -> float:
+        return self.weight
 
 
 @dataclass
@@ -328,16 +331,8 @@ class Selection:
 class FixedSum(PartialSum):
     """``sum_k w_k values_k`` (weights already hold ``c_k``), not divided by the sum of weights."""
 
-    def result(self) -> dict[str, np.ndarray]:
-        """The weighted sum, float32."""
-        if not self.count:
-            raise AggregationError("no results to aggregate")
-        out = {}
-        for name, total in self.sums.items():
-            if not np.all(np.isfinite(total)):
-                raise AggregationError(f"tensor {name!r} holds non-finite values")
-            out[name] = total.astype(np.float32)
-        return out
+    def _divisor(self) -> float:
+        return 1.0
 
 
 def check_sampling(scheme: str) -> str:

@@ -20,6 +20,7 @@ from firmware_tools.emulator.fleet import FleetEmulator
 from basestation.broker import free_port
 from firmware_tools.emulator.link import get_link
 from firmware_tools.emulator.procwatch import ProcessWatcher
+from test_meter_emulator import _wait_for
 
 _SPIN = "import time\nwhile True:\n    t = time.monotonic()\n    while time.monotonic() - t < 0.5: pass\n"
 
@@ -27,15 +28,6 @@ _SPIN = "import time\nwhile True:\n    t = time.monotonic()\n    while time.mono
 def _cpu(pid: int) -> float:
     with ProcessWatcher(pid) as watcher:
         return watcher.sample().cpu_seconds
-
-
-def _wait_for(predicate, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.mark.slow
