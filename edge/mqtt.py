@@ -452,6 +452,8 @@ def connect_blocking(link: MqttLink, timeout: float = 10.0) -> None:
                             "check username/password and the broker's password file and ACL")
         if time.monotonic() > deadline:
             link.stop()
+            hint = ("; a broker that speaks only MQTT 3.1.1 (RabbitMQ before 3.13) closes an MQTT 5 connection "
+                    "without answering: try protocol = \"3.1.1\"" if link.settings.protocol == "5" else "")
             raise MqttError(f"no answer from the broker at {link.settings.url} within {timeout} s; "
-                            "is it running and reachable?")
+                            f"is it running and reachable?{hint}")
 
