@@ -9,12 +9,16 @@ bundle; the basestation's private broker (``basestation.broker``) writes them
 for the Mosquitto it starts. The ACL follows DESIGN.md: a device writes only
 its own ``device/<id>/{hello,update,energy,status}`` and reads only the plan,
 the models and its own acks; the basestation reads and writes all of
-``qfl/<exp>/#``.
+``qfl/<exp>/#``. ``rabbitmq_commands`` states the same rights as the
+``rabbitmqctl`` calls for a RabbitMQ broker with its MQTT plugin
+(docs/broker-cluster.md).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -68,6 +72,62 @@ def acl_text(accounts: Iterable[BrokerAccount], experiment: str = "+") -> str:
             lines += [f"topic read {root}/round", f"topic read {root}/model/+", f"topic read {root}/device/{dev}/ack"]
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+SESSION_POLICY = ("qfl-sessions", "^mqtt-subscription-qfl-", '{"ha-mode":"all","ha-sync-mode":"automatic"}')
+
+
+def rabbitmq_commands(accounts: Iterable[BrokerAccount], experiment: str, *,
+                      mirror_sessions: bool = True) -> list[list[str]]:
+    """The ``rabbitmqctl`` argument lists that give RabbitMQ's MQTT plugin the rights of :func:`acl_text`.
+
+    MQTT topics are routing keys on ``amq.topic`` with ``/`` turned into
+    ``.``; the plugin also needs configure/read/write on the client's own
+    session queues ``mqtt-subscription-<client id>qos0|qos1``, so a device
+    login can only hold the session of its own client id ``qfl-<exp>-<id>``.
+    With ``mirror_sessions`` the last command mirrors every qfl session queue
+    to all nodes (a session on a dead node is otherwise unavailable until
+    that node returns).
+
+        >>> [command[0] for command in rabbitmq_commands([BrokerAccount("u1", "pw", "dev-1")], "exp1")]
+        ['add_user', 'set_permissions', 'set_topic_permissions', 'set_policy']
+    """
+    exp = check_name(experiment, "experiment id")
+    if "." in exp:
+        raise ValueError(f"experiment id {exp!r} holds a '.', which RabbitMQ's MQTT plugin turns into a topic level")
+    root = re.escape(f"qfl.{exp}")
+    commands = []
+    for account in accounts:
+        _check_username(account.username)
+        user = account.username
+        commands.append(["add_user", user, account.password])
+        if account.device is None:
+            queues = "mqtt-subscription-.*"
+            topics = (rf"^{root}\..*$", rf"^{root}\..*$")
+        else:
+            dev = check_name(account.device, "device id")
+            if "." in dev:
+                raise ValueError(f"device id {dev!r} holds a '.', which RabbitMQ's MQTT plugin turns into a topic level")
+            queues = re.escape(f"mqtt-subscription-qfl-{exp}-{dev}") + "qos[01]"
+            dev = re.escape(dev)
+            topics = (rf"^{root}\.device\.{dev}\.(hello|update|energy|status)$",
+                      rf"^{root}\.(round|model\.[^.]+|device\.{dev}\.ack)$")
+        commands.append(["set_permissions", "-p", "/", user, f"^{queues}$", rf"^(amq\.topic|{queues})$",
+                         rf"^(amq\.topic|{queues})$"])
+        commands.append(["set_topic_permissions", "-p", "/", user, "amq.topic", *topics])
+    if mirror_sessions:
+        commands.append(["set_policy", "-p", "/", "--apply-to", "queues", *SESSION_POLICY])
+    return commands
+
+
+def rabbitmq_script(accounts: Iterable[BrokerAccount], experiment: str) -> str:
+    """A shell script of :func:`rabbitmq_commands` (it holds the passwords: keep it private)."""
+    lines = ["#!/bin/sh", "# qfl-testbed: users and permissions for RabbitMQ's MQTT plugin (generated from the",
+             "# credentials; docs/broker-cluster.md). Run once on one node of the cluster, as root.", "set -e",
+             "rabbitmqctl delete_user guest || true"]
+    lines += ["rabbitmqctl " + " ".join(shlex.quote(arg) for arg in command)
+              for command in rabbitmq_commands(accounts, experiment)]
+    return "\n".join(lines) + "\n"
 
 
 def _check_username(name: str) -> None:

@@ -8,6 +8,8 @@ writes::
 
     provision/credentials.json           basestation side: keys and logins (mode 0600)
     provision/broker/passwd, broker/acl  for Mosquitto (hashed with mosquitto_passwd)
+    provision/broker/rabbitmq-setup.sh   the same rights for a RabbitMQ cluster (docs/broker-cluster.md;
+                                         holds the passwords, mode 0600; not written for ids with a '.')
     provision/basestation.toml           a starting point for the basestation
     provision/devices/<id>/device.toml   one bundle per device: copy the folder to the Pi
     provision/devices/<id>/shard.npz     (with --shards DIR: DIR/<id>.npz, as 'qfl partition' names them)
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from firmware_tools.broker_auth import acl_text, write_password_file
+from firmware_tools.broker_auth import acl_text, rabbitmq_script, write_password_file
 from firmware_tools.credentials import Credentials, CredentialsError, DeviceCredentials
 from edge.mqtt import BrokerSettings, check_name
 from edge.wire.signing import generate_signing_key
@@ -128,6 +130,8 @@ def provision(out: str | Path, *, experiment: str, devices: int | Sequence[str],
     passwd = write_password_file(broker_dir / "passwd", creds.accounts())
     acl = broker_dir / "acl"
     _write_secret(acl, acl_text(creds.accounts(), experiment))
+    if "." not in experiment and not any("." in name for name in creds.devices):  # RabbitMQ cannot route dotted ids
+        _write_secret(broker_dir / "rabbitmq-setup.sh", rabbitmq_script(creds.accounts(), experiment))
 
     bundles = {}
     for name in names:

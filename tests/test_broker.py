@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from basestation.broker import Broker, BrokerError, BrokerTls, mosquitto_config
-from firmware_tools.broker_auth import MosquittoMissing, acl_text, find_program
+from firmware_tools.broker_auth import MosquittoMissing, acl_text, find_program, rabbitmq_commands, rabbitmq_script
 from firmware_tools.credentials import BrokerAccount
 from edge.mqtt import BrokerSettings, Message, MqttError, MqttLink, Topics, connect_blocking, parse_url
 
@@ -53,6 +53,41 @@ def test_acl_gives_devices_only_their_own_topics() -> None:
     assert sorted(line for line in dev_a if line.startswith("topic read")) == [
         "topic read qfl/exp1/device/dev-a/ack", "topic read qfl/exp1/model/+", "topic read qfl/exp1/round"]
     assert "dev-b" not in "\n".join(dev_a)
+
+
+def test_rabbitmq_rights_match_the_mosquitto_acl() -> None:
+    """The generated topic permissions, applied as RabbitMQ does: a regexp over the routing key ('/' -> '.')."""
+    import re
+    import shlex
+
+    commands = rabbitmq_commands(ACCOUNTS, EXP)
+    topic_rights = {c[3]: (c[5], c[6]) for c in commands if c[0] == "set_topic_permissions"}
+    queue_rights = {c[3]: c[4] for c in commands if c[0] == "set_permissions"}
+    assert [c[1:] for c in commands if c[0] == "add_user"] == [[a.username, a.password] for a in ACCOUNTS]
+
+    def allowed(user: str, access: str, topic: str) -> bool:
+        write, read = topic_rights[user]
+        return re.search(write if access == "write" else read, topic.replace("/", ".")) is not None
+
+    for kind in ("hello", "update", "energy", "status"):
+        assert allowed("user-a", "write", T.device("dev-a", kind))
+        assert not allowed("user-a", "write", T.device("dev-b", kind))
+        assert not allowed("user-a", "read", T.device("dev-a", kind))
+    assert allowed("user-a", "read", T.round) and allowed("user-a", "read", T.model(7))
+    assert allowed("user-a", "read", T.device("dev-a", "ack")) and not allowed("user-a", "read", T.device("dev-b", "ack"))
+    assert not allowed("user-a", "write", T.round) and not allowed("user-a", "write", T.model(7))
+    assert not allowed("user-a", "read", "qfl/exp2/round") and not allowed("user-a", "write", "qfl/exp1x/device/dev-a/hello")
+    assert allowed("bs", "write", T.round) and allowed("bs", "read", T.device("dev-b", "update"))
+    assert not allowed("bs", "read", "qfl/exp2/round")
+    # A device may hold only the session queues of its own client id.
+    assert re.search(queue_rights["user-a"], "mqtt-subscription-qfl-exp1-dev-aqos1")
+    assert not re.search(queue_rights["user-a"], "mqtt-subscription-qfl-exp1-dev-bqos1")
+    assert commands[-1][:5] == ["set_policy", "-p", "/", "--apply-to", "queues"]
+    script = rabbitmq_script(ACCOUNTS, EXP)
+    assert script.startswith("#!/bin/sh") and "rabbitmqctl add_user user-b pw-b" in script
+    assert shlex.split(script.splitlines()[-1])[1:] == commands[-1]
+    with pytest.raises(ValueError, match="topic level"):
+        rabbitmq_commands([BrokerAccount("u", "pw", "dev.a")], EXP)
 
 
 def test_acl_and_config_reject_bad_names(tmp_path: Path) -> None:

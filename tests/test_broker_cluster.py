@@ -54,6 +54,8 @@ if _MISSING:
 import paho.mqtt.client as paho  # noqa: E402
 
 from basestation.broker import free_port  # noqa: E402
+from firmware_tools.broker_auth import rabbitmq_commands  # noqa: E402
+from firmware_tools.credentials import BrokerAccount  # noqa: E402
 from edge.mqtt import (BrokerSettings, Connected, Disconnected, Event, Message, MqttError, MqttLink,  # noqa: E402
                        Topics, connect_blocking)
 
@@ -62,7 +64,6 @@ T = Topics(EXP)
 DEVICES = ("dev-a", "dev-b")
 LOOPBACK_ERL = "-kernel inet_dist_use_interface {127,0,0,1}"
 START_TIMEOUT = 40.0
-SESSION_POLICY_PATTERN = r"^mqtt-subscription-qfl-"
 
 
 # ---------------------------------------------------------------------------- the cluster
@@ -217,34 +218,6 @@ def _accepts(port: int) -> bool:
         return False
 
 
-def _re(text: str) -> str:
-    return text.replace(".", r"\.").replace("-", r"\-")
-
-
-def grant(node: Node, user: str, device: str | None) -> None:
-    """The Mosquitto ACL of firmware_tools.broker_auth.acl_text, as RabbitMQ permissions.
-
-    MQTT topics are routing keys on amq.topic with '/' turned into '.', so the
-    regexps below are over ``qfl.<exp>.device.<id>.<kind>``. The plugin also
-    needs configure/read/write on the client's own subscription queues
-    ``mqtt-subscription-<client id>qos0|qos1``.
-    """
-    root = _re(f"qfl.{EXP}")
-    if device is None:
-        queues = r"^mqtt-subscription-.*$"
-        node.ctl("set_permissions", "-p", "/", user, queues, rf"^(amq\.topic|mqtt-subscription-.*)$",
-                 rf"^(amq\.topic|mqtt-subscription-.*)$")
-        node.ctl("set_topic_permissions", "-p", "/", user, "amq.topic", rf"^{root}\..*$", rf"^{root}\..*$")
-        return
-    own = _re(f"mqtt-subscription-qfl-{EXP}-{device}")
-    node.ctl("set_permissions", "-p", "/", user, rf"^{own}qos[01]$", rf"^(amq\.topic|{own}qos[01])$",
-             rf"^(amq\.topic|{own}qos[01])$")
-    dev = _re(device)
-    node.ctl("set_topic_permissions", "-p", "/", user, "amq.topic",
-             rf"^{root}\.device\.{dev}\.(hello|update|energy|status)$",
-             rf"^{root}\.(round|model\.[^.]+|device\.{dev}\.ack)$")
-
-
 @contextlib.contextmanager
 def start_cluster(base: Path) -> Iterator[Cluster]:
     """Start epmd and two nodes in ``base``, join B to A, create the users; kill everything on exit."""
@@ -274,15 +247,13 @@ def start_cluster(base: Path) -> Iterator[Cluster]:
         status = a.ctl("cluster_status").stdout
         assert a.name in status and b.name in status, status
         passwords = {"bs": secrets.token_hex(8), **{f"user-{d}": secrets.token_hex(8) for d in DEVICES}}
-        for user, password in passwords.items():
-            a.ctl("add_user", user, password)
         a.ctl("delete_user", "guest")
-        grant(a, "bs", None)
-        for d in DEVICES:
-            grant(a, f"user-{d}", d)
-        # Classic mirrored queues for every qfl session (the plugin's own "quorum" type needs a third node).
-        a.ctl("set_policy", "-p", "/", "--apply-to", "queues", "qfl-sessions", SESSION_POLICY_PATTERN,
-              '{"ha-mode":"all","ha-sync-mode":"automatic"}')
+        # The Mosquitto ACL as RabbitMQ permissions, and classic mirrored queues for every qfl session (the
+        # plugin's own "quorum" type needs a third node), exactly as `qfl broker provision` writes them.
+        accounts = [BrokerAccount("bs", passwords["bs"])] + [BrokerAccount(f"user-{d}", passwords[f"user-{d}"], d)
+                                                             for d in DEVICES]
+        for command in rabbitmq_commands(accounts, EXP):
+            a.ctl(*command)
         yield Cluster(base, a, b, epmd, passwords)
     finally:
         for node in (b, a):

@@ -345,6 +345,8 @@ def test_provision_bundles_and_broker_logins(tmp_path: Path, broker_factory) -> 
     assert stat.S_IMODE(result.credentials.stat().st_mode) == 0o600
     assert all(line.split(":", 1)[1].startswith("$") for line in result.password_file.read_text().splitlines())
     assert "user device-001" in result.acl_file.read_text()
+    rabbit = out / "broker" / "rabbitmq-setup.sh"
+    assert "device-001" in rabbit.read_text() and stat.S_IMODE(rabbit.stat().st_mode) == 0o600
     cfg = DeviceConfig.load(result.bundles["device-000"] / "device.toml")
     assert cfg.hmac_key == creds.devices["device-000"].hmac_key and cfg.model_public_key == creds.model_public_key
     assert cfg.shard.is_file() and stat.S_IMODE((result.bundles["device-000"] / "device.toml").stat().st_mode) == 0o600
