@@ -13,6 +13,7 @@ relative to the file)::
     seed = 0
     rounds = 20                        # stop after this many aggregated rounds (0: run until stopped)
     status_file = "status.json"        # final status, also written on SIGTERM
+    ingest_workers = 0                 # N > 0: updates are checked in N processes on an MQTT shared subscription
 
     [broker]                           # username/password default to the credentials' basestation login
     url = "mqtt://127.0.0.1:1883"
@@ -116,6 +117,7 @@ class BasestationConfig:
     status_file: Path | None = None
     keep_payloads: bool = False
     synchronous: str = "full"
+    ingest_workers: int = 0
     round: RoundSettings = field(default_factory=RoundSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     precision: PrecisionSettings = field(default_factory=PrecisionSettings)
@@ -214,6 +216,7 @@ class BasestationConfig:
             status_file=t.path("status_file", base, None),
             keep_payloads=t.get("keep_payloads", bool, False),
             synchronous=t.get("synchronous", str, "full", choices=("full", "normal")),
+            ingest_workers=t.integer("ingest_workers", 0, low=0, high=64),
             round=rounds,
             training=training,
             precision=precision,

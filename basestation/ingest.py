@@ -37,7 +37,7 @@ from basestation.store import Store
 from basestation.strategies import AggregationError, check_shapes
 from edge.mqtt import Topics
 from edge.runtime.messages import Ack, MessageError, open_signed_json, parse_status
-from edge.wire import dequantize_tensor, verify_update
+from edge.wire import Verdict, dequantize_tensor, verify_update
 
 log = logging.getLogger("qfl.basestation.ingest")
 SIGNED_REJECTIONS = ("replayed", "wrong_experiment", "stale_round", "wrong_base")
@@ -155,8 +155,13 @@ class Ingest:
         return sorted(d for d in self.registered if d in self.keys and self.online.get(d) == "online")
 
     # ---- dispatch ----
-    def handle(self, topic: str, payload: bytes, now: float | None = None, retained: bool = False) -> Outcome:
+    def handle(self, topic: str, payload: bytes, now: float | None = None, retained: bool = False,
+               checked: Verdict | None = None) -> Outcome:
         """Process one message; never raises for bad data.
+
+        ``checked``: for an update, the verdict of ``check_signed_update`` on
+        ``payload`` that an ingest worker already computed (signature and
+        decoding are then not repeated here).
 
         ``retained``: the broker delivered it from its retained store. Devices
         retain only hello and status; a retained update or energy report is
@@ -177,7 +182,7 @@ class Ingest:
                 outcome.clear = topic
                 return outcome
         if kind == "update":
-            return self._update(device, payload, now)  # type: ignore[arg-type]
+            return self._update(device, payload, now, checked)  # type: ignore[arg-type]
         if kind == "energy":
             return self._energy(device, payload, now)  # type: ignore[arg-type]
         if kind == "hello":
@@ -198,11 +203,11 @@ class Ingest:
         return self.topics.device(device, "ack"), Ack(kind, round_, nonce, status, reason).to_json()
 
     # ---- updates ----
-    def _update(self, topic_device: str, payload: bytes, now: float) -> Outcome:
+    def _update(self, topic_device: str, payload: bytes, now: float, checked: Verdict | None = None) -> Outcome:
         cur = self.round
         verdict = verify_update(payload, experiment=self.experiment, round=cur.round if cur else None,
                                 base_hash=cur.base_hash if cur else bytes(32), key=self.keys.get,
-                                seen_nonces=self.nonces, sender=topic_device)
+                                seen_nonces=self.nonces, sender=topic_device, checked=checked)
         head = verdict.header
         device = head.device if head is not None else topic_device
         round_ = head.round if head is not None else None

@@ -4,7 +4,10 @@
     station = Basestation(cfg)
     status = station.run()          # until ``cfg.rounds`` rounds are aggregated, or request_stop()
 
-One loop in one thread (paho's network thread only queues events):
+One loop in one thread (paho's network thread only queues events; with
+``ingest_workers`` > 0, worker processes check and decode the updates and
+queue them too, and PUBACK each only when this loop says it is stored:
+``basestation.ingest_workers``):
 
 1. Create the experiment in the store, or resume it: the open round's plan,
    its accepted updates (reloaded from their stored payloads and
@@ -43,6 +46,7 @@ from basestation.bounds import UpdateBounds
 from basestation.config import BasestationConfig
 from firmware_tools.credentials import Credentials
 from basestation.ingest import Ingest, Outcome
+from basestation.ingest_workers import Checked, IngestWorkers
 from basestation.screening import Entry, aggregate_screened, try_result
 from basestation.rounds import (RoundProgress, apply_update, evaluate_model, initial_model, quantize_model,
                                 quorum_count)
@@ -54,6 +58,7 @@ from edge.wire import decode_message, dequantize, encode_model, model_hash, quan
 
 log = logging.getLogger("qfl.basestation")
 BATCH = 512
+WORKERS_READY_SECONDS = 60.0  # spawning a worker imports numpy: seconds on a Pi
 
 
 class ServiceError(RuntimeError):
@@ -95,9 +100,12 @@ class Basestation:
         self.strategy = get_strategy(config.training.strategy)
         self.store = Store(config.store, synchronous=config.synchronous)
         self.ingest = Ingest(self.store, config.experiment, self.credentials.keys(), bounds=config.bounds)
+        kinds = ("hello", "status", "energy") if config.ingest_workers else ("hello", "status", "update", "energy")
         self.link = MqttLink(settings, config.client_id, manual_ack=True,
-                             subscriptions=[(self.topics.devices(kind), 1)
-                                            for kind in ("hello", "status", "update", "energy")])
+                             subscriptions=[(self.topics.devices(kind), 1) for kind in kinds])
+        self.workers = IngestWorkers(settings, config.experiment, self.credentials.keys(),
+                                     count=config.ingest_workers, client_id=config.client_id,
+                                     deliver=self.link.post) if config.ingest_workers else None
         self._stop = threading.Event()
         self.current: CurrentRound | None = None
         self.plan: RoundPlan | None = None  # the plan last published (the open round's, or the final one)
@@ -203,6 +211,9 @@ class Basestation:
         try:
             self._prepare()
             self.link.start()
+            if self.workers is not None and not self.workers.start().wait_ready(WORKERS_READY_SECONDS):
+                raise ServiceError(f"the {self.workers.count} ingest workers did not all connect to "
+                                   f"{self.config.broker.url} within {WORKERS_READY_SECONDS:.0f} s")
             while not self._stop.is_set() and not self.finished:
                 events = self._next_events()
                 if events:
@@ -211,6 +222,8 @@ class Basestation:
                     if not self._tick(time.time()):
                         break
         finally:
+            if self.workers is not None:
+                self.workers.stop()
             self.link.stop()
             if not self.finished:
                 try:
@@ -237,7 +250,7 @@ class Basestation:
         return events
 
     def _process(self, events: list[Any]) -> None:
-        messages = [e for e in events if isinstance(e, Message)]
+        messages = [e for e in events if isinstance(e, (Message, Checked))]
         for event in events:
             if isinstance(event, Refused) and event.permanent:
                 raise MqttError(f"broker {self.config.broker.url} refused the basestation: {event.reason}; check "
@@ -258,7 +271,10 @@ class Basestation:
                                                  self.current.weight(outcome.device, outcome.samples))  # type: ignore[arg-type]
                     self.current.progress.answered.add(outcome.device)  # type: ignore[arg-type]
             for message in messages:
-                self.link.ack(message)
+                if isinstance(message, Checked):
+                    self.workers.ack(message)  # type: ignore[union-attr]
+                else:
+                    self.link.ack(message)
         connects = [e for e in events if isinstance(e, Connected)]
         if connects:
             if not all(e.session_present for e in connects):
@@ -272,11 +288,13 @@ class Basestation:
                         self.store.add_plan(self.config.experiment, self.plan.round, self._plan_doc(self.current))
             self._republish()
 
-    def _handle(self, message: Message, now: float) -> Outcome:
+    def _handle(self, message: Message | Checked, now: float) -> Outcome:
         """One message inside the batch's transaction; a bug it triggers costs that message only."""
+        checked = message.verdict if isinstance(message, Checked) else None
         try:
             with self.store.savepoint():
-                return self.ingest.handle(message.topic, message.payload, now, retained=message.retain)
+                return self.ingest.handle(message.topic, message.payload, now, retained=message.retain,
+                                          checked=checked)
         except (sqlite3.Error, OSError):
             raise  # the store itself failing is not the message's fault: stop before acknowledging anything
         except Exception as exc:

@@ -17,7 +17,10 @@
    service's loop. Goal: >= 1,000 updates/s.
 3. Ingest scaling: updates/s against 1, 2 and 4 worker processes on an
    MQTT 5 shared subscription (``bench/ingest_scale.py``, which also runs
-   alone with more options). Goal: >= 0.7 of linear up to the core count.
+   alone with more options), and the same through the service's own
+   ``IngestWorkers`` and ``Ingest`` (store commit before each PUBACK) with 0
+   (in the loop), 1, 2 and 4 workers. Goal: >= 0.7 of linear up to the core
+   count.
 4. The edge runtime's peak memory (VmHWM) on the digits MLP: ``qfl edge run``
    taking part in rounds, against ``python -c "import numpy, paho.mqtt"``
    measured the same way. Goal: <= 120 MB.
@@ -47,6 +50,7 @@ from basestation.broker import Broker
 from basestation.config import BasestationConfig
 from firmware_tools.credentials import Credentials, DeviceCredentials
 from basestation.ingest import Ingest
+from basestation.ingest_workers import Checked, IngestWorkers
 from basestation.loadgen import LightDevice
 from basestation.service import Basestation
 from basestation.store import Store
@@ -229,8 +233,12 @@ def ingest_throughput(root: Path, count: int) -> dict:
             "meets_goal": rate >= GOALS["ingest_updates_per_s"] and accepted == count}
 
 
-def ingest_via_broker(root: Path, count: int) -> dict:
-    """The same kind of updates published through Mosquitto into a manual-ack ingest loop like the service's."""
+def ingest_via_broker(root: Path, count: int, workers: int = 0) -> dict:
+    """The same kind of updates published through Mosquitto into a manual-ack ingest loop like the service's.
+
+    ``workers`` > 0: the service's ``IngestWorkers`` check and decode them in that many processes on the
+    shared subscription, and the loop hands each verdict to ``Ingest.handle`` and the PUBACK back to its worker.
+    """
     root.mkdir(parents=True, exist_ok=True)
     devices = [f"d{i:05d}" for i in range(count)]
     creds = credentials([], seed=1)
@@ -248,8 +256,14 @@ def ingest_via_broker(root: Path, count: int) -> dict:
         ingest = Ingest(store, EXP, keys)
         ingest.open_round(1, base, devices, reference)
         sink = MqttLink(login(broker, creds, None), "sink", manual_ack=True,
-                        subscriptions=[(topics.devices("update"), 1)])
+                        subscriptions=[] if workers else [(topics.devices("update"), 1)])
         connect_blocking(sink, 10)
+        pool = None
+        if workers:
+            pool = IngestWorkers(login(broker, creds, None), EXP, keys, count=workers, client_id=f"sink-{workers}",
+                                 deliver=sink.post).start()
+            if not pool.wait_ready(60):
+                raise RuntimeError("the ingest workers did not connect")
         payloads = [encode_update(tensors, experiment=EXP, device=d, round=1, base_hash=base, samples=50,
                                   key=keys[d]) for d in devices]
         acc = FedAvg().accumulator()
@@ -263,21 +277,35 @@ def ingest_via_broker(root: Path, count: int) -> dict:
             batch = [sink.next_event(10.0)]
             while len(batch) < 256 and (more := sink.next_event(0)) is not None:
                 batch.append(more)
-            msgs = [m for m in batch if isinstance(m, Message)]
+            msgs = [m for m in batch if isinstance(m, (Message, Checked))]
             with store.transaction():
-                outcomes = [ingest.handle(m.topic, m.payload) for m in msgs]
+                outcomes = [ingest.handle(m.topic, m.payload, checked=getattr(m, "verdict", None)) for m in msgs]
             for o, m in zip(outcomes, msgs):
                 if o.ack:
                     sink.publish(*o.ack)
                 if o.delta is not None:
                     acc.add(o.delta, o.samples)
-                sink.ack(m)
+                if isinstance(m, Checked):
+                    pool.ack(m)  # type: ignore[union-attr]
+                else:
+                    sink.ack(m)
             done += len(msgs)
         rate = count / (time.perf_counter() - start)
         publisher.join(30)
+        if pool is not None:
+            pool.stop()
         sink.stop()
         store.close()
-    return {"updates": count, "updates_per_s": round(rate, 1)}
+    return {"updates": count, "workers": workers, "updates_per_s": round(rate, 1), "loadavg": os.getloadavg()[0]}
+
+
+def service_ingest_scaling(root: Path, count: int, counts: tuple[int, ...] = (0, 1, 2, 4)) -> dict:
+    """``ingest_via_broker`` with the service's ingest workers: 0 (in the loop itself), 1, 2 and 4 processes."""
+    rows = [ingest_via_broker(root / f"workers-{n}", count, workers=n) for n in counts]
+    base = rows[0]["updates_per_s"]
+    for row in rows:
+        row["ratio_to_in_loop"] = round(row["updates_per_s"] / base, 2)
+    return {"rows": rows}
 
 
 def _publish_all(settings: BrokerSettings, topics: Topics, devices: list[str], payloads: list[bytes]) -> None:
@@ -356,6 +384,7 @@ def main() -> None:
             "ingest": ingest_throughput(root / "ingest", args.updates),
             "ingest_via_broker": ingest_via_broker(root / "via", args.via_broker),
             "ingest_scaling": scaling(args.scale_updates, (1, 2, 4), repeats=1),
+            "service_ingest_workers": service_ingest_scaling(root / "workers", args.via_broker),
             "edge_memory": edge_memory(root / "memory", 3),
         }
     finally:

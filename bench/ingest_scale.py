@@ -20,8 +20,8 @@ fraction of linear (goal >= 0.7 up to the core count), and the load average
 figures say more about the neighbours than about the ingest).
 
 This measures the ingest *pattern* (stateless verify/decode workers, partial
-sums, one combine); the basestation service itself still ingests in one
-process (see docs/field-guide.md).
+sums, one combine); the service's own workers (``ingest_workers``) are
+measured by bench/federation.py's ``service_ingest_workers``.
 """
 
 from __future__ import annotations

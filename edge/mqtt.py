@@ -407,6 +407,10 @@ class MqttLink:
         """Make a ``next_event`` that is waiting (with no timeout) return None now."""
         self.events.put(None)  # type: ignore[arg-type]
 
+    def post(self, event: Any) -> None:
+        """Queue an event from another source, so that one loop over ``next_event`` sees both in order."""
+        self.events.put(event)
+
     # ---- paho callbacks (network thread) ----
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:

@@ -151,7 +151,7 @@ from edge.wire.message import (
 )
 from edge.wire.tensor import QuantizedTensor, dequantize, dequantize_tensor
 from edge.wire.uplink import SCHEMES, quantize_tensor, quantize_update
-from edge.wire.verify import VERDICT_REASONS, Verdict, verify_model, verify_update
+from edge.wire.verify import VERDICT_REASONS, Verdict, check_signed_update, verify_model, verify_update
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -182,4 +182,5 @@ __all__ = [
     "unpack_bits",
     "verify_model",
     "verify_update",
+    "check_signed_update",
 ]

@@ -73,23 +73,34 @@ class Verdict:
         return self.reason == "ok"
 
 
+def check_signed_update(data: bytes | bytearray | memoryview, *, key: bytes | KeyLookup,
+                        limits: Limits = DEFAULT_LIMITS) -> Verdict:
+    """Checks 1-4 of :func:`verify_update` (header, key, HMAC, decoding): the costly part, which needs no round state.
+
+    An ingest worker runs it and hands the verdict to the coordinator, whose
+    ``verify_update(..., checked=verdict)`` runs the rest.
+    """
+    return _signed_message(data, "update", key, limits)
+
+
 def verify_update(data: bytes | bytearray | memoryview, *, experiment: str, round: int | None, base_hash: bytes,
                   key: bytes | KeyLookup, seen_nonces: Container[bytes], sender: str | None = None,
-                  limits: Limits = DEFAULT_LIMITS) -> Verdict:
+                  limits: Limits = DEFAULT_LIMITS, checked: Verdict | None = None) -> Verdict:
     """Verify a device's update for ``round`` of ``experiment``, relative to the model ``base_hash``.
 
     ``key`` is the device key, or a function device id -> key (None if
     unknown). ``seen_nonces`` is only read: record ``verdict.message.nonce``
     once the update is stored. ``round`` None: no round is open (any update
     that passes the earlier checks is ``stale_round``). ``sender``: the device
-    whose topic the message arrived on.
+    whose topic the message arrived on. ``checked``: the verdict of
+    :func:`check_signed_update` on these bytes, computed elsewhere (by a
+    trusted ingest worker), so that checks 1-4 are not run again.
     """
-    head, verdict = _signed_header(data, "update", key, limits)
-    if verdict is not None:
-        return verdict
-    message, verdict = _decode(data, head, limits)
-    if verdict is not None:
-        return verdict
+    first = checked if checked is not None else check_signed_update(data, key=key, limits=limits)
+    if not first.accepted:
+        return first
+    head, message = first.header, first.message
+    assert head is not None and message is not None
     if sender is not None and head.device != sender:
         return Verdict("wrong_topic", f"signed by {head.device!r} but published on the topic of {sender!r}",
                        header=head)
@@ -115,16 +126,26 @@ def verify_model(data: bytes | bytearray | memoryview, *, experiment: str, key: 
     The model's own hash is checked while decoding (a mismatch is malformed,
     wire_reason "bad_model_hash").
     """
-    head, verdict = _signed_header(data, "model", key, limits)
+    first = _signed_message(data, "model", key, limits)
+    if not first.accepted:
+        return first
+    head, message = first.header, first.message
+    assert head is not None and message is not None
+    verdict = _context(head, experiment, round)
+    if verdict is not None:
+        return verdict
+    return Verdict("ok", f"model for round {head.round} from {head.device!r}", message=message, header=head)
+
+
+def _signed_message(data, msg_type: str, key: bytes | KeyLookup, limits: Limits) -> Verdict:
+    """Header, key, signature and decoding of a ``msg_type`` message: accepted, or the first failure."""
+    head, verdict = _signed_header(data, msg_type, key, limits)
     if verdict is not None:
         return verdict
     message, verdict = _decode(data, head, limits)
     if verdict is not None:
         return verdict
-    verdict = _context(head, experiment, round)
-    if verdict is not None:
-        return verdict
-    return Verdict("ok", f"model for round {head.round} from {head.device!r}", message=message, header=head)
+    return Verdict("ok", f"{msg_type} signed by {head.device!r} and decoded", message=message, header=head)
 
 
 def _signed_header(data, msg_type: str, key: bytes | KeyLookup, limits: Limits) -> tuple[Header | None, Verdict | None]:
