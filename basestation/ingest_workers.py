@@ -29,6 +29,7 @@ model, bounds, store) exactly as for an update it received itself. So:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -102,20 +103,17 @@ class IngestWorkers:
 
     def ack(self, checked: Checked) -> None:
         """Let the worker that received ``checked`` PUBACK it (call after the store commit)."""
-        try:
+        # If that worker died, its successor gets the update again from the broker, and the store knows it.
+        with contextlib.suppress(OSError):
             checked.source.send(checked.token)
-        except (BrokenPipeError, OSError):
-            pass  # that worker died: its successor gets the update again, and the store knows it
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the workers; what they hold unacknowledged stays in their sessions for the next start."""
         self._stopping.set()
         for pipe in self._pipes:
-            try:
-                if pipe is not None:
+            if pipe is not None:
+                with contextlib.suppress(OSError):  # already gone
                     pipe.send(None)
-            except (BrokenPipeError, OSError):
-                pass
         for process in self._processes:
             if process is not None:
                 process.join(timeout)
@@ -197,6 +195,6 @@ def worker_main(settings: BrokerSettings, experiment: str, keys: Mapping[str, by
             pending[token] = event
         try:
             pipe.send((token, event.topic, bytes(event.payload), event.retain, verdict))
-        except (BrokenPipeError, OSError):
+        except OSError:  # the service is gone
             break
     link.stop()

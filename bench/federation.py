@@ -279,7 +279,8 @@ def ingest_via_broker(root: Path, count: int, workers: int = 0) -> dict:
                 batch.append(more)
             msgs = [m for m in batch if isinstance(m, (Message, Checked))]
             with store.transaction():
-                outcomes = [ingest.handle(m.topic, m.payload, checked=getattr(m, "verdict", None)) for m in msgs]
+                outcomes = [ingest.handle(m.topic, m.payload, checked=m.verdict if isinstance(m, Checked) else None)
+                            for m in msgs]
             for o, m in zip(outcomes, msgs):
                 if o.ack:
                     sink.publish(*o.ack)

@@ -405,7 +405,7 @@ class MqttLink:
 
     def wake(self) -> None:
         """Make a ``next_event`` that is waiting (with no timeout) return None now."""
-        self.events.put(None)  # type: ignore[arg-type]
+        self.post(None)
 
     def post(self, event: Any) -> None:
         """Queue an event from another source, so that one loop over ``next_event`` sees both in order."""

@@ -10,10 +10,11 @@ doubles an update.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import time
 from collections import Counter
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -43,10 +44,17 @@ def test_split_verification_gives_the_verdicts_of_the_whole() -> None:
                           checked=check_signed_update(good, key=key)).reason} == {"ok"}
 
 
-def _fleet(fed) -> list[LightDevice]:
-    return [LightDevice(settings(fed, d), fed.experiment, d, fed.credentials.devices[d].hmac_key,
-                        fed.credentials.model_public_key, delta=delta(i), samples=40 + i, seed=i).start()
-            for i, d in enumerate(fed.devices)]
+@contextlib.contextmanager
+def _fleet(fed) -> Iterator[list[LightDevice]]:
+    """One light device per device of ``fed``, stopped on exit."""
+    fleet = [LightDevice(settings(fed, d), fed.experiment, d, fed.credentials.devices[d].hmac_key,
+                         fed.credentials.model_public_key, delta=delta(i), samples=40 + i, seed=i).start()
+             for i, d in enumerate(fed.devices)]
+    try:
+        yield fleet
+    finally:
+        for dev in fleet:
+            dev.stop()
 
 
 def _finished(fed, station, timeout: float) -> None:
@@ -70,15 +78,10 @@ def _check_every_update_aggregated_once(fed) -> None:
 @pytest.mark.slow
 def test_workers_share_the_updates_and_each_is_aggregated_once(federation) -> None:
     fed = federation(devices=6)
-    fleet = _fleet(fed)
-    try:
-        with fed.basestation_thread(ingest_workers=2, **RUN) as station:
-            _finished(fed, station, 120)
-            received = list(station.workers.received)
-            assert station.workers.restarts == 0
-    finally:
-        for dev in fleet:
-            dev.stop()
+    with _fleet(fed), fed.basestation_thread(ingest_workers=2, **RUN) as station:
+        _finished(fed, station, 120)
+        received = list(station.workers.received)
+        assert station.workers.restarts == 0
     _check_every_update_aggregated_once(fed)
     assert sum(received) == 6 * ROUNDS and min(received) > 0, received  # both members of the group got a share
 
@@ -86,19 +89,14 @@ def test_workers_share_the_updates_and_each_is_aggregated_once(federation) -> No
 @pytest.mark.slow
 def test_a_worker_killed_mid_round_neither_loses_nor_doubles_an_update(federation) -> None:
     fed = federation(devices=6)
-    fleet = _fleet(fed)
-    try:
-        with fed.basestation_thread(ingest_workers=2, **RUN) as station:
-            fed.wait_until(lambda: station.workers is not None and station.workers.received[0] >= 1, 60,
-                           "worker 0's first update")
-            victim = station.workers.pids()[0]
-            os.kill(victim, signal.SIGKILL)
-            fed.wait_until(lambda: station.workers.restarts >= 1 and station.workers.pids()[0] != victim, 30,
-                           "the worker's restart")
-            _finished(fed, station, 120)
-    finally:
-        for dev in fleet:
-            dev.stop()
+    with _fleet(fed) as fleet, fed.basestation_thread(ingest_workers=2, **RUN) as station:
+        fed.wait_until(lambda: station.workers is not None and station.workers.received[0] >= 1, 60,
+                       "worker 0's first update")
+        victim = station.workers.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        fed.wait_until(lambda: station.workers.restarts >= 1 and station.workers.pids()[0] != victim, 30,
+                       "the worker's restart")
+        _finished(fed, station, 120)
     _check_every_update_aggregated_once(fed)
     assert all(dev.answered.keys() >= set(range(1, ROUNDS + 1)) for dev in fleet)
     assert sum(station.workers.received) >= 6 * ROUNDS  # what the dead worker held came again, to its successor
