@@ -363,8 +363,13 @@ def asymmetric_range(largest: float, smallest: float, bits: int) -> tuple[int, i
     top = (1 << bits) - 1
     if math.ldexp(span, -shift) > top:
         shift += 1
-    lo = round(math.ldexp(smallest, -shift))
+    lo = asymmetric_low(smallest, shift)
     return shift, lo, lo + top
+
+
+def asymmetric_low(smallest: float, shift: int) -> int:
+    """``lo`` of an asymmetric grid with exponent ``shift``: the tensor's smallest value, rounded onto it."""
+    return round(math.ldexp(smallest, -shift))
 
 
 def _requantize_asymmetric(q: np.ndarray, exponent: int, bits: int, largest: float, smallest: float) -> Fixed:

@@ -22,6 +22,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from edge.fixedpoint import FLOAT_BITS, Fixed, RandomSource, Rounding, power_of_two, requantize
 from edge.gemm import accumulate, product_bound
+from edge.lowbit import LOW_BITS, least_error_activations
 
 
 class Numerics:
@@ -42,14 +43,17 @@ class Numerics:
         """``x`` on the n-bit grid, rounded to nearest (as it is at 32 bits or when already on a grid).
 
         Unsigned if it has no negative value, else asymmetric (unsigned codes with a zero point).
+        At n <= 3 the exponent is the one with the least error (:mod:`edge.lowbit`).
         """
         if not self.exact or x.bound:
             return x
+        if self.bits <= LOW_BITS:
+            return least_error_activations(x.q, x.exponent, self.bits, nonnegative)
         return requantize(x.q, x.exponent, self.bits, "nearest", nonnegative=nonnegative, asymmetric=True)
 
     def errors(self, g: Fixed) -> Fixed:
-        """A backward error on the n-bit grid, rounded as configured (identity at 32 bits)."""
-        if not self.exact:
+        """A backward error on the n-bit grid, rounded as configured (identity at 32 bits or when already on a grid)."""
+        if not self.exact or g.bound:
             return g
         return requantize(g.q, g.exponent, self.bits, self.error_rounding, self.rng)
 
@@ -358,12 +362,26 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
         >>> round(loss, 4), grad.sum().item()
         (1.3863, 0.0)
     """
+    loss, exp, total, picked = _softmax_parts(logits, labels)
+    batch = len(logits)
+    grad = exp / (total * batch)
+    grad.put(picked, grad.take(picked) - 1.0 / batch)
+    return loss, grad
+
+
+def softmax_probabilities(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy of ``logits`` against ``labels``, and the softmax probabilities (B, classes)."""
+    loss, exp, total, _ = _softmax_parts(logits, labels)
+    exp /= total
+    return loss, exp
+
+
+def _softmax_parts(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Loss, exp of the shifted logits, their row sums and the flat index of each row's label."""
     batch, classes = logits.shape
     shifted = logits - np.maximum.reduce(logits, axis=1, keepdims=True)
     exp = np.exp(shifted)
     total = np.add.reduce(exp, axis=1, keepdims=True)
-    picked = np.arange(0, batch * classes, classes) + labels  # flat index of each row's label
+    picked = np.arange(0, batch * classes, classes) + labels
     loss = (float(np.log(total).sum()) - float(shifted.take(picked).sum())) / batch
-    grad = exp / (total * batch)
-    grad.put(picked, grad.take(picked) - 1.0 / batch)
-    return loss, grad
+    return loss, exp, total, picked

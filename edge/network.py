@@ -61,7 +61,9 @@ from edge.layers import (
     Parametric,
     ReLU,
     softmax_cross_entropy,
+    softmax_probabilities,
 )
+from edge.lowbit import LOW_BITS, quantized_loss_gradient
 from models import architectures as specs
 
 MODES = ("int", "master")
@@ -230,10 +232,21 @@ class Network:
         batch. With ``split = h`` (0 < h < len(x)), ``self.grad_half`` also
         receives the share of the first h samples (for variance estimates).
         """
-        loss, error = softmax_cross_entropy(self._forward(x, train=True), y)
-        g = Fixed(error, 0)
+        logits = self._forward(x, train=True)
+        low_bits = self._bits <= LOW_BITS
+        if low_bits:  # the sum over the batch, on its n-bit grid; divided by B below
+            loss, probabilities = softmax_probabilities(logits, y)
+            g = quantized_loss_gradient(probabilities, y, self._bits, self._uniform)
+        else:
+            loss, error = softmax_cross_entropy(logits, y)
+            g = Fixed(error, 0)
         for index in range(len(self.layers) - 1, self._first_param - 1, -1):
             g = self.layers[index].backward(g, need_input_grad=index > self._first_param, split=split)
+        if low_bits:
+            mean = self.grad.dtype.type(1.0 / len(y))
+            self.grad *= mean
+            if split is not None:
+                self.grad_half *= mean
         if split is not None:
             self.grad += self.grad_half
         return loss
@@ -271,7 +284,12 @@ class Network:
     # -- internals ---------------------------------------------------------------
 
     def _forward(self, x: np.ndarray | Fixed, train: bool) -> np.ndarray:
-        fx = x if isinstance(x, Fixed) else Fixed(_channels_last(x), 0)
+        if isinstance(x, Fixed):
+            fx = x
+        elif self._bits == FLOAT_BITS:
+            fx = Fixed(_channels_last(x), 0)
+        else:  # raw inputs go onto the grid training puts its data on, not through the activation rule
+            fx = self.quantize_inputs(x)
         for layer in self.layers:
             fx = layer.forward(fx, train)
         return fx.q * power_of_two(fx.exponent, fx.q.dtype) if fx.exponent else fx.q

@@ -41,5 +41,5 @@ fi
 
 cd "$root"
 exec "$venv/bin/python" -m pytest -p no:cacheprovider \
-  tests/test_infer.py tests/test_fixedpoint.py tests/test_layers.py tests/test_gemm.py \
+  tests/test_infer.py tests/test_fixedpoint.py tests/test_layers.py tests/test_lowbit.py tests/test_gemm.py \
   tests/test_wire_bits.py tests/test_wire_message.py tests/test_wire_vectors.py "$@"

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge.fixedpoint import FLOAT_BITS, Fixed, asymmetric_range
+from edge.fixedpoint import FLOAT_BITS, Fixed, asymmetric_low
 from edge.layers import Parametric
-from edge.network import Network, _channels_last
+from edge.network import Network
 from models.integer_format import Grid, IntegerFormat
 
 INT8_BITS = 8
@@ -38,7 +38,7 @@ def integer_format(net: Network, calibration: np.ndarray) -> IntegerFormat:
     weights: dict[int, int] = {}
     inputs: dict[int, Grid] = {}
     exponents = net.exponents
-    fx = Fixed(_channels_last(net.as_batch(calibration)), 0)
+    fx = net.quantize_inputs(calibration)  # the model input's grid, as the engine's forward puts it
     for index, layer in enumerate(net.layers):
         if isinstance(layer, Parametric):
             nm = layer.numerics
@@ -54,7 +54,7 @@ def _input_grid(x: Fixed, xq: Fixed, bits: int) -> Grid:
     """The grid the engine put the calibration input ``x`` on (``xq``).
 
     A tensor with both signs that the engine requantized itself sits on the
-    asymmetric grid ``[lo, lo + 2**n - 1]`` of :func:`asymmetric_range`; one
+    asymmetric grid ``[lo, lo + 2**n - 1]`` at the exponent it chose; one
     without negative values on ``[0, 2**n - 1]``; one that arrived already on
     a grid keeps its symmetric range.
     """
@@ -62,8 +62,8 @@ def _input_grid(x: Fixed, xq: Fixed, bits: int) -> Grid:
     if smallest >= 0:
         return Grid(int(xq.exponent), 0, xq.bound - 1)
     if not x.bound:
-        _, lo, hi = asymmetric_range(float(x.q.max()), smallest, bits)
-        return Grid(int(xq.exponent), lo, hi)
+        lo = asymmetric_low(smallest, xq.exponent - x.exponent)
+        return Grid(int(xq.exponent), lo, lo + (1 << bits) - 1)
     return Grid(int(xq.exponent), -xq.bound, xq.bound - 1)
 
 
