@@ -2,6 +2,7 @@
 
     qfl export --run runs/int8 --out int8.onnx                    # the run's newest global model
     qfl export --run runs/int8 --format tflite --out int8.tflite  # int8 TFLite (n <= 8)
+    qfl export --run runs/int8 --format tflite --fake-quant --out fq.tflite  # bit-exact in tflite-runtime 2.14
     qfl export --store base.sqlite --experiment exp1 --round 5 --out r5.onnx
 
 The model stored for round R is the one round R starts from, so the model
@@ -64,6 +65,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qdq", action="store_true",
                         help="onnx at n <= 8: put every Dense/Conv2D input onto its int8 grid with "
                              "QuantizeLinear/DequantizeLinear, as the engine does (default: float activations)")
+    parser.add_argument("--fake-quant", action="store_true",
+                        help="tflite at n <= 8: a float32 file that rounds every Dense/Conv2D input onto the "
+                             "engine's n-bit grid with ROUND operators, bit-exact in every TFLite runtime "
+                             "(tflite-runtime 2.14 included) but without int8 speed (default: int8)")
     parser.add_argument("--calibration", type=Path, default=None, metavar="FILE.npz",
                         help="tflite at n <= 8: inputs (array x) that fix the activation scales (default: the "
                              "training split of the experiment's dataset)")
@@ -78,12 +83,17 @@ def run(args: argparse.Namespace) -> int:
         store_path, experiment = locate_run(args.run, args.experiment)
     else:
         store_path, experiment = args.store, args.experiment
+    if args.fake_quant and args.format != "tflite":
+        raise CommandError("--fake-quant is for --format tflite; an ONNX file with the engine's int8 grids is --qdq")
     model = load_global_model(store_path, experiment, round_=args.round, bits=args.bits)
+    if args.fake_quant and not 1 <= model.bits <= 8:
+        raise CommandError(f"--fake-quant needs a model at n <= 8 bits; this one is at {model.bits} bits, and its "
+                           "tflite file is float32 on that grid already (drop --fake-quant)")
     metadata = {"qfl.experiment": model.experiment, "qfl.round": str(model.round),
                 "qfl.model_hash": model.model_hash, "qfl.weight_bits": str(model.bits)}
     try:
         if args.format == "tflite":
-            path, kind = _export_tflite(model, args.calibration, args.out, metadata)
+            path, kind = _export_tflite(model, args.calibration, args.out, metadata, args.fake_quant)
         else:
             fmt = None
             if args.qdq:
@@ -103,16 +113,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_tflite(model: GlobalModel, calibration: Path | None, out: Path,
-                   metadata: dict[str, str]) -> tuple[Path, str]:
-    """Write ``model`` as .tflite: int8 at n <= 8 (scales calibrated on ``calibration`` or the dataset), else float32."""
+def _export_tflite(model: GlobalModel, calibration: Path | None, out: Path, metadata: dict[str, str],
+                   fake_quant: bool = False) -> tuple[Path, str]:
+    """Write ``model`` as .tflite: int8 at n <= 8 (scales calibrated on ``calibration`` or the dataset), else float32.
+
+    ``fake_quant`` (n <= 8): float32 with the int8 file's grids as ROUND operators instead.
+    """
     from models import get_architecture
     from models.tflite import export_tflite
 
     arch = get_architecture(model.architecture)
     fmt, metadata = _integer_format(model, calibration, metadata)
-    kind = "tflite float32" if fmt is None else "tflite int8"
-    return export_tflite(arch, model.weights, out, fmt=fmt, metadata=metadata), kind
+    kind = "tflite float32" if fmt is None else "tflite float32 fake-quant" if fake_quant else "tflite int8"
+    return export_tflite(arch, model.weights, out, fmt=fmt, metadata=metadata, fake_quant=fake_quant), kind
 
 
 def _integer_format(model: GlobalModel, calibration: Path | None, metadata: dict[str, str]) -> tuple[Any, dict[str, str]]:

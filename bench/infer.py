@@ -2,8 +2,8 @@
 
 Prints one JSON object. For each model (digits MLP and CNN, trained briefly,
 seed 0) and precision n, the model is exported (.tflite int8 at n <= 8 and
-float32 above; .onnx QDQ at n <= 8 and float above) and every installed
-runtime is timed on one thread:
+float32 above, plus the fake-quant .tflite at n <= 8; .onnx QDQ at n <= 8
+and float above) and every installed runtime is timed on one thread:
 
 - ``sample_us``: median time of one call on a single sample;
 - ``batch32_us``: median time of one call on a batch of 32 (and
@@ -77,9 +77,15 @@ def main() -> None:
                                                  fmt=fmt)}
                 if "onnxruntime" in present:  # needs onnx (the export extra) to write the file
                     files["onnx"] = export_onnx(net.arch, net.get_weights(), Path(tmp, f"{name}{bits}.onnx"), fmt=fmt)
+                if fmt is not None:
+                    files["tflite-fake-quant"] = export_tflite(net.arch, net.get_weights(),
+                                                               Path(tmp, f"{name}{bits}fq.tflite"), fmt=fmt,
+                                                               fake_quant=True)
                 runners = {"numpy": lambda x, net=net: net.predict(x)}
                 for runtime in present:
                     runners[runtime] = load(files["onnx" if runtime == "onnxruntime" else "tflite"], runtime).run
+                    if runtime != "onnxruntime" and fmt is not None:
+                        runners[f"{runtime} fake-quant"] = load(files["tflite-fake-quant"], runtime).run
                 reference = net.predict(ds.x_test)
                 one, batch = ds.x_test[:1], ds.x_test[:32]
                 sample = {r: [] for r in runners}

@@ -14,6 +14,14 @@ Two kinds of file:
   int8 input by its dequantized int8 weights in float32, exactly.
 - **float32** (``fmt=None``): the same graph in float32, weights as given
   (the n-bit grid for 8 < n < 32, the float values at 32).
+- **fake-quant** (``fmt`` and ``fake_quant=True``, n <= 8): the float32 graph
+  with the n-bit grid weights, and before every Dense/Conv2D the engine's
+  rounding of its input written out as operators: MUL by ``2**-e``, ROUND
+  (ties to even in every TFLite kernel, as in the engine), MAXIMUM/MINIMUM
+  to the grid's codes, MUL by ``2**e``. Products and sums of grid values are
+  exact in float32 (below ``2**24`` units), so the file replays the engine
+  bit for bit in any TFLite runtime, tflite-runtime 2.14's included, whose
+  int8 requantization rounds ties the other way. It runs at float32 speed.
 
 What the engine's format is (weight exponents, activation grids) is not known
 here: it arrives as an :class:`IntegerFormat`, which ``edge.infer.fixed_format``
@@ -54,10 +62,13 @@ OUTPUT_NAME = "logits"
 
 
 def export_tflite(arch: Architecture, weights: Mapping[str, Any], path: str | Path, *,
-                  fmt: IntegerFormat | None = None, metadata: Mapping[str, str] | None = None) -> Path:
+                  fmt: IntegerFormat | None = None, metadata: Mapping[str, str] | None = None,
+                  fake_quant: bool = False) -> Path:
     """Write ``arch`` with ``weights`` (``Network.get_weights`` names and layouts) as a .tflite file at ``path``.
 
-    With ``fmt`` the file is int8 (n <= 8), else float32. ``metadata`` goes
+    With ``fmt`` the file is int8 (n <= 8), else float32; with ``fmt`` and
+    ``fake_quant`` it is float32 with the grids' rounding as ROUND operators
+    (see the module docstring). ``metadata`` goes
     into the file's ``"qfl"`` metadata entry as JSON, beside the architecture
     and precision. Raises :class:`ExportError` naming a layer TFLite cannot
     express, weights off the given grid, or misfitting weights;
@@ -66,14 +77,18 @@ def export_tflite(arch: Architecture, weights: Mapping[str, Any], path: str | Pa
     schema, flatbuffers = _schema()
     if not isinstance(arch, Architecture):
         raise ExportError(f"arch must be a models.Architecture (e.g. models.get_architecture('mlp')), got {arch!r}")
+    if fake_quant and fmt is None:
+        raise ExportError("a fake-quant file needs the engine's integer format (a network at n <= 8)")
     params = check_weights(arch, weights)
     graph = _Graph(schema)
-    _lower(arch, params, fmt, graph)
-    info = {"architecture": arch.name, "bits": fmt.bits if fmt else None, "dtype": "int8" if fmt else "float32",
+    _lower(arch, params, fmt, graph, fake_quant)
+    dtype = "float32 fake-quant" if fake_quant else "int8" if fmt else "float32"
+    info = {"architecture": arch.name, "bits": fmt.bits if fmt else None, "dtype": dtype,
             **{str(k): str(v) for k, v in (metadata or {}).items()}}
     if fmt is not None:
         info.update({f"format.{k}": v for k, v in fmt.notes.items()})
-    data = graph.serialize(flatbuffers, json.dumps(info, sort_keys=True).encode(), _description(arch, fmt))
+    data = graph.serialize(flatbuffers, json.dumps(info, sort_keys=True).encode(),
+                           _description(arch, fmt, fake_quant))
     return _write_whole(data, Path(path))
 
 
@@ -129,8 +144,9 @@ def read_weights(path: str | Path, arch: Architecture) -> dict[str, np.ndarray]:
 # Lowering the layer specs onto TFLite operators
 
 
-def _lower(arch: Architecture, params: dict[str, np.ndarray], fmt: IntegerFormat | None, g: _Graph) -> None:
-    int8 = fmt is not None
+def _lower(arch: Architecture, params: dict[str, np.ndarray], fmt: IntegerFormat | None, g: _Graph,
+           fake_quant: bool = False) -> None:
+    int8 = fmt is not None and not fake_quant
     ops = g.schema.BuiltinOperator
     shape = (1, *arch.input_shape)  # the batch is dynamic; 1 is the placeholder size
     current = g.tensor(INPUT_NAME, shape, "float32")
@@ -154,6 +170,12 @@ def _lower(arch: Architecture, params: dict[str, np.ndarray], fmt: IntegerFormat
                 elif int8_params(grid) != quant:
                     raise ExportError(f"layer {name}: its input grid {grid} is not the grid the previous layer "
                                       "wrote; insert nothing between them that rescales")
+            elif fake_quant:
+                assert fmt is not None
+                grid = fmt.inputs.get(index)
+                if grid is None:
+                    raise ExportError(f"the integer format has no input grid for layer {name}")
+                current = _round_onto_grid(g, current, shape, grid, name)
             if isinstance(layer, Conv2D) and layout == "nchw":
                 shape = (shape[0], shape[2], shape[3], shape[1])
                 current = g.op(ops.TRANSPOSE, [current, g.const(f"{name}.perm", np.array([0, 2, 3, 1], np.int32))],
@@ -162,8 +184,8 @@ def _lower(arch: Architecture, params: dict[str, np.ndarray], fmt: IntegerFormat
             follow = layers[index + 1] if index + 1 < len(layers) else None
             activation = follow if isinstance(follow, (ReLU, LeakyReLU)) else None
             last = index == len(layers) - 1 or (activation is not None and index + 1 == len(layers) - 1)
-            current, shape, quant = _parametric(arch, index, layer, activation, last, params, fmt, g,
-                                                current, shape, quant, layout)
+            current, shape, quant = _parametric(arch, index, layer, activation, last, params,
+                                                fmt if int8 else None, g, current, shape, quant, layout)
             index += 2 if activation is not None else 1
             continue
         if isinstance(layer, ReLU):
@@ -312,6 +334,24 @@ def _float_logits(index: int, layer: Dense | Conv2D, activation: ReLU | LeakyReL
         out = g.op(ops.LEAKY_RELU, [out], g.tensor(OUTPUT_NAME, out_shape, "float32"),
                    options=("LeakyReluOptions", {"Alpha": float(activation.slope)}))
     return out, out_shape, None
+
+
+def _round_onto_grid(g: _Graph, current: int, shape: tuple[int, ...], grid: Grid, name: str) -> int:
+    """The engine's rounding of a layer input onto ``grid`` as float32 operators: scale, ROUND, clamp, unscale."""
+    ops = g.schema.BuiltinOperator
+
+    def step(opcode: int, inputs: list[int], suffix: str, options: tuple[str, dict[str, Any]] | None = None) -> int:
+        return g.op(opcode, inputs, g.tensor(f"{name}.grid.{suffix}", shape, "float32"), options=options)
+
+    def scalar(suffix: str, value: float) -> int:
+        return g.const(f"{name}.grid.{suffix}", np.array(value, np.float32))
+
+    no_activation = ("MulOptions", {"FusedActivationFunction": g.schema.ActivationFunctionType.NONE})
+    t = step(ops.MUL, [current, scalar("inverse_step", 2.0 ** -grid.exponent)], "scaled", no_activation)
+    t = step(ops.ROUND, [t], "rounded")
+    t = step(ops.MAXIMUM, [t, scalar("low", float(grid.low - grid.zero))], "floored")
+    t = step(ops.MINIMUM, [t, scalar("high", float(grid.high - grid.zero))], "codes")
+    return step(ops.MUL, [t, scalar("step", 2.0 ** grid.exponent)], "values", no_activation)
 
 
 def _on_grid(w: np.ndarray, scale: float, name: str) -> np.ndarray:
@@ -567,6 +607,11 @@ def _schema() -> tuple[Any, Any]:
     return tflite, flatbuffers
 
 
-def _description(arch: Architecture, fmt: IntegerFormat | None) -> str:
-    kind = f"int8 ({fmt.bits}-bit fixed point)" if fmt else "float32"
+def _description(arch: Architecture, fmt: IntegerFormat | None, fake_quant: bool = False) -> str:
+    if fmt is None:
+        kind = "float32"
+    elif fake_quant:
+        kind = f"float32 with {fmt.bits}-bit fixed-point rounding (fake-quant)"
+    else:
+        kind = f"int8 ({fmt.bits}-bit fixed point)"
     return f"qfl-testbed model {arch.name!r}, {kind}; input (batch, {', '.join(map(str, arch.input_shape))}) float32"

@@ -304,6 +304,37 @@ def test_qfl_export_tflite_and_qdq_onnx_of_a_store(tmp_path: Path, capsys: pytes
     assert (run_onnx(qdq, x).argmax(1) == net.predict(x).argmax(1)).mean() >= 0.95
 
 
+def test_qfl_export_tflite_fake_quant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tflite")
+    from edge.data import load_dataset
+    from edge.infer.runtimes import load
+    from models.tflite import read_metadata, read_weights
+
+    store = tmp_path / "s.sqlite"
+    models = make_store(store, "exp", "mlp", [(8, "aggregated"), (16, "aggregated")])
+    x = load_dataset("digits", seed=0).x_test[:64]
+    calibration = tmp_path / "cal.npz"
+    np.savez(calibration, x=x)
+    out = tmp_path / "fq.tflite"
+    assert main(["export", "--store", str(store), "--round", "2", "--format", "tflite", "--fake-quant",
+                 "--calibration", str(calibration), "--out", str(out)]) == 0
+    assert "tflite float32 fake-quant" in capsys.readouterr().out
+    meta = read_metadata(out)
+    assert meta["dtype"] == "float32 fake-quant" and meta["bits"] == 8
+    net = Network(get_architecture("mlp"), bits=8, seed=0)
+    net.set_weights(models[2])
+    for key, value in net.get_weights().items():
+        np.testing.assert_array_equal(read_weights(out, net.arch)[key], value)
+    np.testing.assert_array_equal(load(out, "numpy").run(x), net.predict(x))
+    # Where it does not apply: one line each, nothing written.
+    for args, message in ((["--format", "onnx", "--fake-quant"], "--fake-quant is for --format tflite"),
+                          (["--format", "tflite", "--fake-quant"], "needs a model at n <= 8 bits; this one is at 16")):
+        target = tmp_path / "no.tflite"
+        assert main(["export", "--store", str(store), *args, "--out", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and not target.exists()
+
+
 def test_qfl_export_tflite_bad_calibration_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("tflite")
     store = tmp_path / "s.sqlite"

@@ -28,7 +28,7 @@ from models.architectures import Architecture, Conv2D, Dense, Flatten, LeakyReLU
 from models.export import ExportError  # noqa: E402
 from models.tflite import export_tflite, read_metadata, read_weights  # noqa: E402
 
-PRECISIONS = (4, 8, 16, 32)
+PRECISIONS = (2, 4, 8, 16, 32)
 AGREEMENT = 0.995
 
 
@@ -61,10 +61,10 @@ def export(net: Network, digits, path: Path, kind: str) -> Path:
 
 
 # Measured (docs/export.md): tflite-runtime 2.14's int8 kernels round requantization ties away from zero, the
-# engine to even, and (when the weights need all 8 bits) round twice; at 4 bits ties are frequent (a shift of
-# 2 to 4 bits) and each moves a 4-bit activation by a whole step. LiteRT's kernels round like the engine.
-KNOWN = {("tflite-runtime", "mlp", 4): "98.9 %", ("tflite-runtime", "cnn", 4): "87.5 %",
-         ("tflite-runtime", "cnn", 8): "99.3 %"}
+# engine to even, and (when the weights need all 8 bits) round twice. A tie moves an activation by a whole step:
+# a quarter of its range at 2 bits. LiteRT's kernels round like the engine. The other tflite-runtime cases pass.
+KNOWN = {("tflite-runtime", "cnn", 4): "92.2 %", ("tflite-runtime", "mlp", 2): "82.9 %",
+         ("tflite-runtime", "cnn", 2): "60.4 %"}
 
 
 @pytest.mark.slow
@@ -77,9 +77,6 @@ def test_runtime_agrees_with_the_fixed_point_forward(runtime: str, name: str, bi
         pytest.skip(f"{runtime} is not installed here")
     if runtime == "onnxruntime":
         pytest.importorskip("onnx")
-    if (runtime, name, bits) in KNOWN:
-        pytest.xfail(f"{runtime} rounds requantization ties away from zero: {KNOWN[runtime, name, bits]} agreement "
-                     "measured")
     kind = "onnx" if runtime == "onnxruntime" else "tflite"
     net = trained(name, bits, digits)
     reference = net.predict(digits.x_test)
@@ -89,11 +86,58 @@ def test_runtime_agrees_with_the_fixed_point_forward(runtime: str, name: str, bi
     size = len(digits.x_test) if runtime == "numpy" else 32
     logits = np.concatenate([runner.run(digits.x_test[i:i + size]) for i in range(0, len(digits.x_test), size)])
     agreement = float((logits.argmax(1) == reference.argmax(1)).mean())
+    known = KNOWN.get((runtime, name, bits))
+    if known is not None:
+        # Measured every run, so an entry that starts to pass (or gets worse) is noticed.
+        assert agreement < AGREEMENT, f"{runtime} {name} n={bits} now agrees on {agreement:.1%}: drop it from KNOWN"
+        pytest.xfail(f"{runtime} rounds requantization ties away from zero: {agreement:.1%} agreement "
+                     f"(docs/export.md: {known} on x86-64)")
     assert agreement >= AGREEMENT, (runtime, name, bits, agreement)
     if bits == 8:
         # One step of the int8 grid that would hold these logits (the engine never rounds them).
         step = 2.0 ** scale_exponent(float(np.abs(reference).max()), 7)
         assert np.abs(logits - reference).max() <= step, (runtime, name, np.abs(logits - reference).max(), step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("runtime", ["litert", "tflite-runtime"])
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_fake_quant_file_is_bit_exact_in_every_tflite_runtime(runtime: str, name: str, bits: int, digits,
+                                                              tmp_path: Path) -> None:
+    # The int8 file disagrees in tflite-runtime 2.14 (its requantization rounds ties away from zero, KNOWN above);
+    # the fake-quant file writes the engine's rounding as ROUND (ties to even in TFLite) and must match exactly.
+    if not installed(runtime):
+        pytest.skip(f"{runtime} is not installed here")
+    net = trained(name, bits, digits)
+    fmt = integer_format(net, digits.x_train)
+    path = export_tflite(net.arch, net.get_weights(), tmp_path / f"{name}{bits}fq.tflite", fmt=fmt, fake_quant=True)
+    runner = load(path, runtime)
+    logits = np.concatenate([runner.run(digits.x_test[i:i + 32]) for i in range(0, len(digits.x_test), 32)])
+    np.testing.assert_array_equal(logits, net.predict(digits.x_test))
+
+
+def test_fake_quant_needs_the_integer_format(tmp_path: Path) -> None:
+    net = Network(get_architecture("mlp"), bits=8, seed=0)
+    with pytest.raises(ExportError, match="needs the engine's integer format"):
+        export_tflite(net.arch, net.get_weights(), tmp_path / "m.tflite", fake_quant=True)
+    assert not (tmp_path / "m.tflite").exists()
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_two_bit_file_replays_the_engine_on_its_calibration_batch(name: str, digits, tmp_path: Path) -> None:
+    # At n <= 3 the engine picks each activation exponent by least error (edge.lowbit), which depends on the
+    # batch's whole distribution, not only its maximum: a file calibrated on the training split then holds
+    # other exponents than the engine picks for the test set (docs/export.md). On the calibration batch itself
+    # the file must give the engine's logits exactly.
+    if not installed("litert"):
+        pytest.skip("litert is not installed here")
+    net = trained(name, 2, digits)
+    batch = digits.x_test
+    fmt = integer_format(net, batch)
+    path = export_tflite(net.arch, net.get_weights(), tmp_path / f"{name}2.tflite", fmt=fmt)
+    logits = load(path, "litert").run(batch)
+    np.testing.assert_array_equal(logits, net.predict(batch))
 
 
 def test_int8_file_holds_int8_weights_and_the_engines_scales(digits, tmp_path: Path) -> None:
