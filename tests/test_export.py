@@ -270,29 +270,44 @@ def test_qfl_export_console_script(tmp_path: Path) -> None:
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
 
 
-def test_qfl_export_tflite_and_qdq_onnx_of_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("tflite")
+def store_with_calibration(tmp_path: Path) -> tuple[Path, dict, np.ndarray, Path]:
+    """A store whose round 2 model came from an 8-bit round and round 3's from a 16-bit one, and 64 inputs."""
     from edge.data import load_dataset
-    from edge.infer.runtimes import load
-    from models.tflite import read_metadata, read_weights
 
     store = tmp_path / "s.sqlite"
     models = make_store(store, "exp", "mlp", [(8, "aggregated"), (16, "aggregated")])
     x = load_dataset("digits", seed=0).x_test[:64]
     calibration = tmp_path / "cal.npz"
     np.savez(calibration, x=x)
+    return store, models, x, calibration
+
+
+def assert_file_holds_and_replays(path: Path, weights: dict, x: np.ndarray) -> Network:
+    """The .tflite file at ``path`` holds ``weights`` exactly and computes the 8-bit engine's logits on ``x``."""
+    from edge.infer.runtimes import load
+    from models.tflite import read_weights
+
+    net = Network(get_architecture("mlp"), bits=8, seed=0)
+    net.set_weights(weights)
+    for key, value in net.get_weights().items():
+        np.testing.assert_array_equal(read_weights(path, net.arch)[key], value)
+    np.testing.assert_array_equal(load(path, "numpy").run(x), net.predict(x))
+    return net
+
+
+def test_qfl_export_tflite_and_qdq_onnx_of_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tflite")
+    from models.tflite import read_metadata
+
+    store, models, x, calibration = store_with_calibration(tmp_path)
     # Round 2's model came from an 8-bit round: int8, scales calibrated on the given inputs.
     out = tmp_path / "r2.tflite"
     assert main(["export", "--store", str(store), "--round", "2", "--format", "tflite", "--calibration",
                  str(calibration), "--out", str(out)]) == 0
     assert "tflite int8" in capsys.readouterr().out
-    net = Network(get_architecture("mlp"), bits=8, seed=0)
-    net.set_weights(models[2])
     meta = read_metadata(out)
     assert meta["dtype"] == "int8" and meta["qfl.round"] == "2" and meta["qfl.calibration"] == f"{calibration}, 64 samples"
-    for key, value in net.get_weights().items():
-        np.testing.assert_array_equal(read_weights(out, net.arch)[key], value)
-    np.testing.assert_array_equal(load(out, "numpy").run(x), net.predict(x))
+    net = assert_file_holds_and_replays(out, models[2], x)
     # The newest (from a 16-bit round) is float32 on the 16-bit grid; the default calibration is not needed.
     assert main(["export", "--store", str(store), "--format", "tflite", "--out", str(tmp_path / "r3.tflite")]) == 0
     assert "tflite float32" in capsys.readouterr().out
@@ -306,26 +321,16 @@ def test_qfl_export_tflite_and_qdq_onnx_of_a_store(tmp_path: Path, capsys: pytes
 
 def test_qfl_export_tflite_fake_quant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("tflite")
-    from edge.data import load_dataset
-    from edge.infer.runtimes import load
-    from models.tflite import read_metadata, read_weights
+    from models.tflite import read_metadata
 
-    store = tmp_path / "s.sqlite"
-    models = make_store(store, "exp", "mlp", [(8, "aggregated"), (16, "aggregated")])
-    x = load_dataset("digits", seed=0).x_test[:64]
-    calibration = tmp_path / "cal.npz"
-    np.savez(calibration, x=x)
+    store, models, x, calibration = store_with_calibration(tmp_path)
     out = tmp_path / "fq.tflite"
     assert main(["export", "--store", str(store), "--round", "2", "--format", "tflite", "--fake-quant",
                  "--calibration", str(calibration), "--out", str(out)]) == 0
     assert "tflite float32 fake-quant" in capsys.readouterr().out
     meta = read_metadata(out)
     assert meta["dtype"] == "float32 fake-quant" and meta["bits"] == 8
-    net = Network(get_architecture("mlp"), bits=8, seed=0)
-    net.set_weights(models[2])
-    for key, value in net.get_weights().items():
-        np.testing.assert_array_equal(read_weights(out, net.arch)[key], value)
-    np.testing.assert_array_equal(load(out, "numpy").run(x), net.predict(x))
+    assert_file_holds_and_replays(out, models[2], x)
     # Where it does not apply: one line each, nothing written.
     for args, message in ((["--format", "onnx", "--fake-quant"], "--fake-quant is for --format tflite"),
                           (["--format", "tflite", "--fake-quant"], "needs a model at n <= 8 bits; this one is at 16")):
