@@ -62,6 +62,21 @@ def test_leave_one_setting_out_error_is_reported():
     assert summary["share_within"] == 1.0 and summary["median_abs_error"] < 0.15
 
 
+def test_curves_at_one_i_scale_rounds_as_one_over_i():
+    # One I cannot identify b: the fit takes b = -1 (a fixed number of SGD steps) and keeps its own I's
+    # predictions; a held-out I then moves rounds by the I ratio.
+    data = curves(seeds=(0, 1), bits=(8, 16, 32), ups=(8, 32), iters=(20,))
+    fit = fit_rounds(data, TARGET)
+    assert fit.params[1] == -1.0
+    for n, m in ((8, 8), (16, 32), (32, 32)):
+        assert fit.predict(n, m, 20) == pytest.approx(true_rounds(n, m, 20), rel=0.15)
+        # the uplink term holds I too, so the ratio is exactly 1/4 only where that term is negligible (m = 32)
+        if m == 32:
+            assert fit.predict(n, m, 80) == pytest.approx(fit.predict(n, m, 20) / 4, rel=1e-6)
+    two_i = fit_rounds(curves(seeds=(0, 1), bits=(8, 16, 32), ups=(8, 32), iters=(5, 20)), TARGET)
+    assert two_i.params[1] == pytest.approx(-0.6, abs=0.15)  # with two I the data decide (true b = -0.6)
+
+
 def test_curves_round_trip_through_json(tmp_path):
     data = curves(seeds=(0,), bits=(8,), ups=(4,), iters=(5,))
     save_curves(tmp_path / "c.json", data, model="mlp")

@@ -14,6 +14,14 @@ rounds is censored: it only says R > its length, so it adds a residual only
 when the model predicts fewer rounds than it ran (a one-sided, Tobit-like
 penalty).
 
+Curves at a single I cannot say how rounds scale with I: there ``a`` and
+``b`` are one constant. The fit then takes ``b = -1`` (``SINGLE_I_EXPONENT``):
+a fixed number of SGD steps to the target, so R halves when I doubles. That is
+local SGD's behaviour on IID data while I is small against the steps needed
+(Stich, "Local SGD converges fast and communicates little", ICLR 2019). It does
+not change any prediction at the curves' own I. With two or more I the data
+fit ``b``. The quiet sweep (a) gave -0.83 (docs/precision.md).
+
     curves = load_curves("curves.json")
     fit = fit_rounds(curves, target=0.9)
     fit.predict(8, 4, 20)                     # rounds to 0.9 at n=8, m=4, I=20
@@ -29,6 +37,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+
+SINGLE_I_EXPONENT = -1.0
+"""The exponent b of I taken when every curve has the same I (see the module docstring)."""
 
 
 class CurveError(ValueError):
@@ -174,8 +186,9 @@ def fit_rounds(curves: Sequence[Curve], target: float) -> RoundsFit:
             if best is None or sol.cost < best.cost:
                 best = sol
     p = best.x.copy()
-    if single_i:
-        p[1] = 0.0
+    if single_i:  # fitted with b = 0; the same predictions at that I with b = SINGLE_I_EXPONENT
+        p[0] -= SINGLE_I_EXPONENT * math.log(float(I[0]))
+        p[1] = SINGLE_I_EXPONENT
     res = residuals(p)[:-2]
     return RoundsFit(params=tuple(float(v) for v in p), target=float(target), observations=int(len(rows)),
                      censored=int(cens.sum()), rms_log_error=float(np.sqrt(np.mean(res ** 2))))
