@@ -19,6 +19,7 @@ from edge.cli import main as qfl
     (["--grid-iterations", "0"], "local iterations 1..1000"),
     (["--policies", "fl32,greedy"], "valid: fl32, model, measured"),
     (["--board", "pi3"], "valid: pi-zero-2w, pi4, pi5"),
+    (["--meters", "both"], "--meters must be one of fleet, process"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected, capsys, tmp_path):
     assert qfl(["sweep", "--out", str(tmp_path / "s"), *args]) == 2

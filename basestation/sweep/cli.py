@@ -35,6 +35,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--link", default=_D.link, help="uplink link profile (loopback, wifi, lte-m, kim2022)")
     add("--board", default=_D.board, help=f"board profile the meters emulate ({', '.join(BOARDS)})")
     add("--devices", type=int, default=_D.devices, help="edge processes per run")
+    add("--meters", default=_D.meters,
+        help="'fleet' (one process emulates every meter, 10 ms tick) or 'process' (one emulator per device, "
+             "2 ms tick)")
     add("--rounds", type=int, default=30, help="most rounds a run may take to reach the target")
     add("--dataset", default=_D.dataset, help="'digits', 'mnist-subset', 'mnist:DIR' or 'fashion-mnist:DIR'")
     add("--model", default=_D.model, help="architecture from models/ (mlp, mlp-mnist, cnn, cnn-mnist)")
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                                partition=args.partition, bits=args.bits, uplink_bits=args.uplink_bits,
                                board=args.board, iterations=args.iterations, lr=args.lr,
                                deadline_seconds=args.deadline, seed=args.seed, target_accuracy=args.target_accuracy,
-                               link=args.link, name="sweep").checked()
+                               link=args.link, meters=args.meters, name="sweep").checked()
     except (GridError, SettingsError) as exc:
         raise CommandError(str(exc)) from None
 
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     obj = sweep_object(results, base.target_accuracy, policies)
     extended = {**obj, "scenario": {"model": base.model, "board": base.board, "link": base.link,
-                                    "devices": base.devices, "dataset": base.dataset, "iterations": base.iterations,
+                                    "devices": base.devices, "meters": base.meters, "dataset": base.dataset,
+                                    "iterations": base.iterations,
                                     "max_rounds": base.rounds, "grid": {"bits": grid.bits,
                                                                         "uplink_bits": grid.uplink_bits,
                                                                         "iterations": grid.iterations},
