@@ -76,6 +76,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edge.infer.fixed_format import is_integer_precision
     from models import get_architecture
     from models.export import ExportError, export_onnx
 
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fake_quant and args.format != "tflite":
         raise CommandError("--fake-quant is for --format tflite; an ONNX file with the engine's int8 grids is --qdq")
     model = load_global_model(store_path, experiment, round_=args.round, bits=args.bits)
-    if args.fake_quant and not 1 <= model.bits <= 8:
+    if args.fake_quant and not is_integer_precision(model.bits):
         raise CommandError(f"--fake-quant needs a model at n <= 8 bits; this one is at {model.bits} bits, and its "
                            "tflite file is float32 on that grid already (drop --fake-quant)")
     metadata = {"qfl.experiment": model.experiment, "qfl.round": str(model.round),

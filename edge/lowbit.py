@@ -40,6 +40,7 @@ LOW_BITS = 3
 
 FINER_CANDIDATES = 2
 """How many finer exponents than the max-based one the activation format tries."""
+_STEP_SQUARED = 4.0 ** -np.arange(FINER_CANDIDATES + 1)  # each candidate's step squared, in candidate 0's
 
 
 def least_error_activations(q: np.ndarray, exponent: int, bits: int, nonnegative: bool = False) -> Fixed:
@@ -87,8 +88,6 @@ def least_error_activations(q: np.ndarray, exponent: int, bits: int, nonnegative
     bound = max(-low, low + codes) if smallest < 0.0 else 1 << bits  # as requantize: 2**n if unsigned
     return Fixed(integers[best].reshape(q.shape).astype(q.dtype), exponent + shifts[best], bound)
 
-
-_STEP_SQUARED = 4.0 ** -np.arange(FINER_CANDIDATES + 1)
 
 
 def quantized_loss_gradient(probabilities: np.ndarray, labels: np.ndarray, bits: int,

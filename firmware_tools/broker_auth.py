@@ -92,9 +92,7 @@ def rabbitmq_commands(accounts: Iterable[BrokerAccount], experiment: str, *,
         >>> [command[0] for command in rabbitmq_commands([BrokerAccount("u1", "pw", "dev-1")], "exp1")]
         ['add_user', 'set_permissions', 'set_topic_permissions', 'set_policy']
     """
-    exp = check_name(experiment, "experiment id")
-    if "." in exp:
-        raise ValueError(f"experiment id {exp!r} holds a '.', which RabbitMQ's MQTT plugin turns into a topic level")
+    exp = _routable(check_name(experiment, "experiment id"), "experiment id")
     root = re.escape(f"qfl.{exp}")
     commands = []
     for account in accounts:
@@ -105,9 +103,7 @@ def rabbitmq_commands(accounts: Iterable[BrokerAccount], experiment: str, *,
             queues = "mqtt-subscription-.*"
             topics = (rf"^{root}\..*$", rf"^{root}\..*$")
         else:
-            dev = check_name(account.device, "device id")
-            if "." in dev:
-                raise ValueError(f"device id {dev!r} holds a '.', which RabbitMQ's MQTT plugin turns into a topic level")
+            dev = _routable(check_name(account.device, "device id"), "device id")
             queues = re.escape(f"mqtt-subscription-qfl-{exp}-{dev}") + "qos[01]"
             dev = re.escape(dev)
             topics = (rf"^{root}\.device\.{dev}\.(hello|update|energy|status)$",
@@ -118,6 +114,17 @@ def rabbitmq_commands(accounts: Iterable[BrokerAccount], experiment: str, *,
     if mirror_sessions:
         commands.append(["set_policy", "-p", "/", "--apply-to", "queues", *SESSION_POLICY])
     return commands
+
+
+def rabbitmq_routes(*names: str) -> bool:
+    """Whether RabbitMQ's MQTT plugin can route topics holding these ids: it turns a '.' into a topic level."""
+    return not any("." in name for name in names)
+
+
+def _routable(name: str, what: str) -> str:
+    if not rabbitmq_routes(name):
+        raise ValueError(f"{what} {name!r} holds a '.', which RabbitMQ's MQTT plugin turns into a topic level")
+    return name
 
 
 def rabbitmq_script(accounts: Iterable[BrokerAccount], experiment: str) -> str:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from firmware_tools.broker_auth import acl_text, rabbitmq_script, write_password_file
+from firmware_tools.broker_auth import acl_text, rabbitmq_routes, rabbitmq_script, write_password_file
 from firmware_tools.credentials import Credentials, CredentialsError, DeviceCredentials
 from edge.mqtt import BrokerSettings, check_name
 from edge.wire.signing import generate_signing_key
@@ -130,7 +130,7 @@ def provision(out: str | Path, *, experiment: str, devices: int | Sequence[str],
     passwd = write_password_file(broker_dir / "passwd", creds.accounts())
     acl = broker_dir / "acl"
     _write_secret(acl, acl_text(creds.accounts(), experiment))
-    if "." not in experiment and not any("." in name for name in creds.devices):  # RabbitMQ cannot route dotted ids
+    if rabbitmq_routes(experiment, *creds.devices):
         _write_secret(broker_dir / "rabbitmq-setup.sh", rabbitmq_script(creds.accounts(), experiment))
 
     bundles = {}

@@ -137,7 +137,8 @@ def verify_model(data: bytes | bytearray | memoryview, *, experiment: str, key: 
     return Verdict("ok", f"model for round {head.round} from {head.device!r}", message=message, header=head)
 
 
-def _signed_message(data, msg_type: str, key: bytes | KeyLookup, limits: Limits) -> Verdict:
+def _signed_message(data: bytes | bytearray | memoryview, msg_type: str, key: bytes | KeyLookup,
+                    limits: Limits) -> Verdict:
     """Header, key, signature and decoding of a ``msg_type`` message: accepted, or the first failure."""
     head, verdict = _signed_header(data, msg_type, key, limits)
     if verdict is not None:
