@@ -14,6 +14,8 @@ from basestation.energy.convergence import (compare_rounds, estimate_constants, 
                                             smoothness_from_secants)
 from basestation.energy.kim2022 import ConvergenceConstants
 from basestation.energy.records import EnergyRecord, RoundStats
+from basestation.energy.testbed_model import PI4_DEFAULTS
+from basestation.report.predict import Work, phase_energy
 from models import counts, get_architecture
 
 MACS = counts(get_architecture("mlp")).macs
@@ -229,3 +231,25 @@ def test_loss_curve_fit_and_rounds_predicted_against_observed():
     assert by_accuracy.epsilon == pytest.approx(scale / (iters * 40 + 1.0), rel=1e-6)
     unreachable = compare_rounds(est, d=100, curve=curve, target=0.1, local_iters=iters, devices=2, m=16, n=16)
     assert unreachable.observed is None and unreachable.predicted_bound is None
+
+
+def test_a_cost_per_phase_is_told_apart_from_the_iterations_when_two_i_ran():
+    """Phases of 5 and 20 iterations that each cost 3 iterations' worth on top: phase_j recovers it."""
+    rng = np.random.default_rng(7)
+    per_iter = {n: TRUTH["fixed_j"] + 32 * MACS * TRUTH["joules_per_mac"] * (n / 32) ** TRUTH["alpha"]
+                for n in (8, 16, 32)}
+    phase = 3 * per_iter[8]
+    records = [EnergyRecord(device="a", round=r, n=n, m=8, local_iters=i, batch_size=32,
+                            train_j=(phase + i * per_iter[n]) * (1 + 0.02 * rng.standard_normal()),
+                            uplink_j=0.01, uplink_bits=8 * D)
+               for r, (n, i) in enumerate([(n, i) for n in (8, 16, 32) for i in (5, 20)] * 8)]
+    fit = fit_compute(records, macs_per_sample=MACS)
+    assert fit.ok
+    assert fit.phase_j == pytest.approx(phase, rel=0.15)
+    assert fit.energy_per_iter(16, 32) == pytest.approx(per_iter[16], rel=0.05)
+    # Without the second I the part per phase cannot be seen, and the iterations carry it.
+    assert fit_compute([r for r in records if r.local_iters == 20], macs_per_sample=MACS).phase_j == 0.0
+    params = PI4_DEFAULTS.with_calibration(calibrate(records, macs_per_sample=MACS).fleet)
+    assert params.phase_j == fit.phase_j
+    assert phase_energy(params, "train", Work(n=16, m=8, iterations=5, batch_size=32, model="mlp")) == \
+        pytest.approx(phase + 5 * per_iter[16], rel=0.05)

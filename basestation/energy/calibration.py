@@ -1,12 +1,21 @@
 """Calibration of the testbed's energy model from measured energy records, per device and for the fleet.
 
-Computation: the joules above idle of one local iteration follow the paper's
-form plus a fixed part,
+Computation: the joules above idle of one training phase of I local
+iterations are a part per phase plus I iterations of the paper's form with a
+fixed part,
 
-    E_iter(n) = fixed_j + batch_size * macs_per_sample * A * (n / 32)^alpha
+    E_train(n, I) = phase_j + I * E_iter(n)
+    E_iter(n)     = fixed_j + batch_size * macs_per_sample * A * (n / 32)^alpha
 
 (``A`` is then joules per MAC at 32 bits, directly comparable with the paper's
-3.7e-12 J). Uplink: joules above idle of one round's uplink,
+3.7e-12 J). ``phase_j`` is what a phase costs whatever its length (putting the
+shard on its grid, building the batches' order, Python's setup); it can only be
+told apart from the iterations where records ran at two or more I at the
+same n, and is 0 otherwise. It is estimated first, from the median phase
+energy at each (n, B, I): the intercept of a line through those medians
+against I, per n and batch size B (where the largest I is at least twice the
+smallest), and the median of those intercepts (floored at 0). The iteration
+fit and the per-n table then use ``(train_j - phase_j) / I``. Uplink: joules above idle of one round's uplink,
 
     E_up = joules_per_message * messages + joules_per_bit * bits.
 
@@ -84,6 +93,7 @@ class ComputeFit:
     correlation: list[list[float]] | None = None
     quality: FitQuality | None = None
     table: tuple[PerNEnergy, ...] = ()
+    phase_j: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -209,7 +219,8 @@ def fit_device(device: str, records: Sequence[EnergyRecord], *, macs_per_sample:
 def fit_compute(records: Sequence[EnergyRecord], *, macs_per_sample: int, alpha_prior: float | None = None,
                 alpha_prior_sd: float = 0.5, min_table_records: int = 3) -> ComputeFit:
     """Fit fixed_j, joules_per_mac and alpha to the records' joules per local iteration."""
-    y = np.array([r.train_j_per_iter for r in records], dtype=float)
+    phase_j = per_phase_energy(records, min_records=min_table_records)
+    y = np.array([(r.train_j - phase_j) / r.local_iters for r in records], dtype=float)
     n = np.array([r.n for r in records], dtype=float)
     work = np.array([r.batch_size for r in records], dtype=float) * macs_per_sample
     table = _per_n_table(n, y, min_table_records)
@@ -226,7 +237,7 @@ def fit_compute(records: Sequence[EnergyRecord], *, macs_per_sample: int, alpha_
         return ComputeFit(status=INSUFFICIENT, reason=f"need {need_points} or more records at {need_n} or more "
                           f"training precisions{' (with the alpha prior)' if prior else ''}; have {len(y)} record(s) "
                           f"at n = {', '.join(map(str, distinct)) or 'none'}",
-                          macs_per_sample=macs_per_sample, alpha_prior=prior, table=table)
+                          macs_per_sample=macs_per_sample, alpha_prior=prior, table=table, phase_j=phase_j)
     scale = _relative_scale(y, n)
     alpha, coef, sigma, weights = _profile_alpha(n, work, y, scale, prior)
     fixed_j, per_mac = float(coef[0]), float(coef[1])
@@ -238,7 +249,29 @@ def fit_compute(records: Sequence[EnergyRecord], *, macs_per_sample: int, alpha_
     return ComputeFit(status=OK, reason="fitted" if prior is None else f"fitted, alpha shrunk towards {prior[0]:g}",
                       macs_per_sample=macs_per_sample, fixed_j=fixed_j, joules_per_mac=per_mac, alpha=float(alpha),
                       alpha_prior=prior, stderr=stderr, correlation=corr,
-                      quality=_quality(y, fitted, (y - fitted) / scale / sigma), table=table)
+                      quality=_quality(y, fitted, (y - fitted) / scale / sigma), table=table, phase_j=phase_j)
+
+
+def per_phase_energy(records: Sequence[EnergyRecord], *, min_records: int = 3) -> float:
+    """Joules a training phase costs whatever its number of iterations; 0 unless two or more I ran at one n.
+
+    Per n and batch size with ``min_records`` or more records at each of two or more I, the
+    largest at least twice the smallest: the intercept of the least-squares
+    line through the median phase energies against I. The result is the median of those intercepts, floored at 0.
+    """
+    by_setting: dict[tuple[int, int, int], list[float]] = defaultdict(list)
+    for r in records:
+        by_setting[(r.n, r.batch_size, r.local_iters)].append(r.train_j)
+    intercepts = []
+    for group in sorted({key[:2] for key in by_setting}):
+        points = [(key[2], float(np.median(v))) for key, v in by_setting.items()
+                  if key[:2] == group and len(v) >= min_records]
+        iters, medians = np.array(points, dtype=float).reshape(-1, 2).T
+        # Two I close together put the line's intercept far from the data, where noise dominates it.
+        if len(points) >= 2 and iters.max() >= 2 * iters.min():
+            slope, intercept = np.polyfit(iters, medians, 1)
+            intercepts.append(float(intercept))
+    return max(0.0, float(np.median(intercepts))) if intercepts else 0.0
 
 
 def fit_uplink(records: Sequence[EnergyRecord]) -> UplinkFit:

@@ -468,7 +468,7 @@ class MeasuredPolicy:
             uplink += q[k] * (self.messages * per_msg[:, None] + per_bit[:, None] * bits[None, :])
         rounds = grid.rounds[0, 0]                                        # (|m|, |n|)
         k_, i_ = self.devices_per_round, self.local_iters
-        per_round = k_ * (i_ * train[:, None, :] + uplink[:, :, None])   # (S, |m|, |n|)
+        per_round = k_ * problem.device_round_energy(i_, train[:, None, :], uplink[:, :, None])   # (S, |m|, |n|)
         with np.errstate(invalid="ignore"):
             draws = np.where(np.isfinite(rounds)[None], rounds[None] * per_round, np.inf)
         return draws, sorted(missing)

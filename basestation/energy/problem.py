@@ -139,17 +139,30 @@ class Problem:
         """q-weighted mean joules of one uplink at ``m`` bits per value."""
         return np.tensordot(self.weights, self.energy.uplink_energy(m), axes=1)
 
+    def phase_energy(self) -> float:
+        """q-weighted mean joules a round's training costs beyond its iterations.
+
+        Only energy models that measure it have it (``TestbedEnergy.phase_energy``); 0 for the others.
+        """
+        per_device = getattr(self.energy, "phase_energy", None)
+        return 0.0 if per_device is None else float(np.dot(self.weights, per_device()))
+
+    def device_round_energy(self, local_iters: ArrayLike, train_j: ArrayLike, uplink_j: ArrayLike) -> np.ndarray:
+        """Joules of one device's round: I E_train + E_phase + E_comm (broadcast over the arguments)."""
+        return np.asarray(local_iters) * train_j + self.phase_energy() + uplink_j
+
     def rounds(self, local_iters: ArrayLike, devices: ArrayLike, m: ArrayLike, n: ArrayLike) -> np.ndarray:
         """T(I, K, m, n), clipped at 0, ``inf`` where infeasible."""
         t = kim2022.rounds(local_iters, devices, m, n, self.d, self.convergence, self.epsilon)
         return np.maximum(t, 0.0)
 
     def round_energy(self, local_iters: ArrayLike, devices: ArrayLike, m: ArrayLike, n: ArrayLike) -> np.ndarray:
-        """Joules of one round: K (I E_train(n) + E_comm(m))."""
-        return kim2022.total_energy(1.0, local_iters, devices, self.train_energy(n), self.uplink_energy(m))
+        """Joules of one round: K (I E_train(n) + E_phase + E_comm(m))."""
+        return np.asarray(devices, dtype=float) * self.device_round_energy(
+            np.asarray(local_iters, dtype=float), self.train_energy(n), self.uplink_energy(m))
 
     def total_energy(self, local_iters: ArrayLike, devices: ArrayLike, m: ArrayLike, n: ArrayLike) -> np.ndarray:
-        """E_total(I, K, m, n) = T * K (I E_train(n) + E_comm(m)); ``inf`` where infeasible."""
+        """E_total(I, K, m, n) = T * K (I E_train(n) + E_phase + E_comm(m)); ``inf`` where infeasible."""
         t = self.rounds(local_iters, devices, m, n)
         per_round = self.round_energy(local_iters, devices, m, n)
         return np.where(np.isfinite(t), t * per_round, np.inf)
@@ -176,7 +189,7 @@ class Problem:
         t = float(self.rounds(local_iters, devices, m_eff, n))
         per_device = self.energy.uplink_energy(np.arange(1, N_MAX + 1))   # (N, 32)
         uplink = float(np.sum(self.weights * per_device[np.arange(self.devices), m_arr - 1]))
-        per_round = devices * (local_iters * float(self.train_energy(n)) + uplink)
+        per_round = devices * float(self.device_round_energy(local_iters, float(self.train_energy(n)), uplink))
         values, counts = np.unique(m_arr, return_counts=True)
         return Setting(I=int(local_iters), K=int(devices), m=int(values[np.argmax(counts)]), n=int(n),
                        energy_j=t * per_round if math.isfinite(t) else math.inf, rounds=t,

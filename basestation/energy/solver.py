@@ -77,7 +77,7 @@ def evaluate_grid(problem: Problem, *, local_iters: ArrayLike | None = None, dev
     rounds = problem.rounds(ii, kk, mm, nn)
     train = problem.train_energy(n_ax)[None, None, None, :]
     uplink = problem.uplink_energy(m_ax)[None, None, :, None]
-    per_round = kk * (ii * train + uplink)
+    per_round = kk * problem.device_round_energy(ii, train, uplink)
     with np.errstate(invalid="ignore"):
         energy = np.where(np.isfinite(rounds), rounds * per_round, np.inf)
     return Grid(local_iters=i_ax, devices=k_ax, m=m_ax, n=n_ax, energy=energy, rounds=rounds)
@@ -191,7 +191,8 @@ def per_device_uplink(problem: Problem, setting: Setting, *, max_sweeps: int = 2
             m_eff = -0.5 * np.log2(np.maximum(res_try, np.finfo(float).tiny))
             rounds = problem.rounds(i_, k_, m_eff, setting.n)
             with np.errstate(invalid="ignore"):
-                energy = np.where(np.isfinite(rounds), rounds * k_ * (i_ * train + up_try), np.inf)
+                energy = np.where(np.isfinite(rounds), rounds * k_ * problem.device_round_energy(i_, train, up_try),
+                                  np.inf)
             choice = int(candidates[int(np.argmin(energy))])
             if choice != m_vec[k] and energy[choice - 1] < energy[m_vec[k] - 1] * (1 - 1e-12):
                 m_vec[k] = choice

@@ -4,7 +4,8 @@ d and N_c come from the model architecture (``models.counts``); the joules of
 one local iteration and of one uplink come from per-device parameters that
 calibration fits to measured energy (``basestation.energy.calibration``):
 
-    E_train,k(n) = fixed_j + B * N_c * joules_per_mac * (n / 32)^alpha
+    E_train,k(n) = fixed_j + B * N_c * joules_per_mac * (n / 32)^alpha          (one local iteration)
+    E_phase,k    = phase_j                                                      (once per round's training)
     E_comm,k(m)  = joules_per_message * messages + joules_per_bit * (m * d + overhead_bits)
 
 Until there are measurements, ``PI4_DEFAULTS`` gives measured-like values for
@@ -44,9 +45,10 @@ class DeviceEnergyParams:
     joules_per_bit: float
     joules_per_message: float
     train_table: Mapping[int, float] = field(default_factory=dict)
+    phase_j: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("fixed_j", "joules_per_mac", "alpha", "joules_per_bit", "joules_per_message"):
+        for name in ("fixed_j", "joules_per_mac", "alpha", "joules_per_bit", "joules_per_message", "phase_j"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
@@ -56,7 +58,7 @@ class DeviceEnergyParams:
         out = self
         if cal.compute.ok:
             out = replace(out, fixed_j=cal.compute.fixed_j, joules_per_mac=cal.compute.joules_per_mac,
-                          alpha=cal.compute.alpha,
+                          alpha=cal.compute.alpha, phase_j=cal.compute.phase_j,
                           train_table=cal.compute.table_lookup() if table else {})
         elif table and cal.compute.table:
             out = replace(out, train_table=cal.compute.table_lookup())
@@ -69,7 +71,7 @@ class DeviceEnergyParams:
         """Plain dict (table keys as strings, for JSON)."""
         return {"fixed_j": self.fixed_j, "joules_per_mac": self.joules_per_mac, "alpha": self.alpha,
                 "joules_per_bit": self.joules_per_bit, "joules_per_message": self.joules_per_message,
-                "train_table": {str(k): v for k, v in sorted(self.train_table.items())}}
+                "phase_j": self.phase_j, "train_table": {str(k): v for k, v in sorted(self.train_table.items())}}
 
 
 # Raspberry Pi 4 running the numpy engine, MQTT over Wi-Fi, as the emulated meter's pi4 profile sees it;
@@ -147,6 +149,10 @@ class TestbedEnergy:
                     e = np.where(n == bits, joules, e)
             rows.append(e)
         return np.stack(rows)
+
+    def phase_energy(self) -> np.ndarray:
+        """Joules of a training phase beyond its iterations (``phase_j``) for every device, shape ``(N,)``."""
+        return np.array([self.params[name].phase_j for name in self._names], dtype=float)
 
     def uplink_energy(self, m: ArrayLike) -> np.ndarray:
         """Joules of one uplink at ``m`` bits per value for every device, shape ``(N,) + shape(m)``."""

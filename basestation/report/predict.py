@@ -68,14 +68,17 @@ def fit_at(opened_at: float, fits: list[tuple[float, Calibration]]) -> Calibrati
     return fits[index - 1][1] if index else None
 
 
-def phase_energy(params: DeviceEnergyParams, phase: str, work: Work) -> float | None:
-    """Modelled joules of ``phase`` with device parameters ``params``; None for a phase the model lacks."""
+def phase_energy(params: DeviceEnergyParams, phase: str, work: Work, *, use_table: bool = False) -> float | None:
+    """Modelled joules of ``phase`` with device parameters ``params``; None for a phase the model lacks.
+
+    ``use_table``: training at a precision in ``params.train_table`` costs the table's measured joules.
+    """
     if phase not in MODELLED_PHASES:
         return None
     size = _counts(work.model)
     if phase == "train":
-        model = TestbedEnergy(size, {"device": params}, batch_size=work.batch_size)
-        return float(model.train_energy(work.n)[0]) * work.iterations
+        model = TestbedEnergy(size, {"device": params}, batch_size=work.batch_size, use_table=use_table)
+        return float(model.train_energy(work.n)[0]) * work.iterations + params.phase_j
     # What a message carries beyond the m * d payload bits (header, names, signature) is the model's overhead.
     overhead = 0 if work.uplink_bits is None else max(work.uplink_bits - work.m * size.params, 0)
     model = TestbedEnergy(size, {"device": params}, overhead_bits=overhead)
