@@ -197,6 +197,25 @@ def test_testbed_energy_follows_its_formulas():
     assert tabled.train_energy([15, 16]).tolist()[0][1] == 0.5
 
 
+def test_a_part_per_phase_is_paid_once_per_device_and_round_in_every_energy_figure():
+    from basestation.energy.solver import evaluate_grid
+
+    preset = presets.testbed("mlp", devices=2)
+    with_phase = {name: replace(p, phase_j=0.25) for name, p in preset.energy.params.items()}
+    phased = Problem(testbed_model.TestbedEnergy(preset.energy.counts, with_phase), preset.convergence, 0.1)
+    plain = Problem(preset.energy, preset.convergence, 0.1)
+    assert phased.phase_energy() == pytest.approx(0.25) and plain.phase_energy() == 0.0
+    assert float(phased.round_energy(5, 2, 8, 8) - plain.round_energy(5, 2, 8, 8)) == pytest.approx(2 * 0.25)
+    a, b = evaluate_grid(phased, local_iters=[5], devices=[2]), evaluate_grid(plain, local_iters=[5], devices=[2])
+    finite = np.isfinite(b.energy)
+    assert finite.any()
+    assert np.allclose((a.energy - b.energy)[finite], (b.rounds * 2 * 0.25)[finite])
+    _, _, mi, ni = np.unravel_index(np.argmin(b.energy), b.energy.shape)
+    m, n = int(b.m[mi]), int(b.n[ni])
+    assert phased.setting(5, 2, m, n).energy_j == pytest.approx(
+        plain.setting(5, 2, m, n).energy_j + plain.setting(5, 2, m, n).rounds * 2 * 0.25)
+
+
 def test_testbed_preset_uses_the_architecture_counts():
     preset = presets.testbed("cnn", devices=4)
     assert preset.energy.d == counts(get_architecture("cnn")).params
