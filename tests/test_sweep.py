@@ -59,7 +59,9 @@ def test_small_real_sweep_prints_the_issue_object_and_resumes(tmp_path, capsys):
         if 4 in reached and 32 in reached:
             assert reached[4] < reached[32]  # on LTE-M a 4-bit uplink pays for itself
     assert obj["policies"]["measured"]["saving_vs_fl32"] is None  # no fl32 run asked for
-    assert (out / "report.html").read_text().count("<img") == 1 and (out / "curves.json").exists()
+    html = (out / "report.html").read_text()
+    assert html.count("<img") == 1 and (out / "curves.json").exists()
+    assert "Energy model, train phase" in html and "with the per-n table" in html
 
     # A sweep killed during its last run: the results file lacks that line, its run directory is half written.
     results = (out / "results.jsonl").read_text().splitlines()

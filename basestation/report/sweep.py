@@ -97,7 +97,10 @@ def write_sweep_report(result: Mapping[str, Any], out: Path) -> Path:
         if isinstance(wape.get(phase), dict) and wape[phase].get("wape_calibrated_pct") is not None:
             w = wape[phase]
             parts.append(f"<p>Energy model, {phase} phase: WAPE {w['wape_model_pct']:.0f}% before calibration, "
-                         f"{w['wape_calibrated_pct']:.0f}% after ({w['records']} phases"
+                         f"{w['wape_calibrated_pct']:.0f}% after"
+                         + (f", {w['wape_calibrated_table_pct']:.0f}% with the per-n table"
+                            if w.get("wape_calibrated_table_pct") is not None else "")
+                         + f" ({w['records']} phases"
                          f"{', fit held out by seed' if wape.get('held_out_by_seed') else ', in-sample fit'}).</p>")
     parts.append("<h2>Energy to target over (n, m)</h2>")
     for iterations in s["grid"]["iterations"]:
