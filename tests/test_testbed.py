@@ -74,7 +74,8 @@ def test_short_run_end_to_end(tmp_path: Path) -> None:
 
 def test_sigint_stops_every_process(tmp_path: Path) -> None:
     run_dir = tmp_path / "interrupted"
-    testbed = subprocess.Popen(qfl("testbed", "--devices", "2", "--rounds", "50", "--out", str(tmp_path),
+    # Far more rounds than can finish before the signal: a 50-round run once ended on its own first (CI, 2-core).
+    testbed = subprocess.Popen(qfl("testbed", "--devices", "2", "--rounds", "5000", "--out", str(tmp_path),
                                    "--name", "interrupted", "--policy", "fixed"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
