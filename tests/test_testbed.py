@@ -18,9 +18,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes whose arguments contain ``text`` (zombies excluded)."""
-    found = []
+def live_processes_mentioning(text: str) -> dict[int, str]:
+    """Pid -> command line of live processes whose arguments contain ``text`` (zombies excluded)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -30,8 +30,13 @@ def processes_mentioning(text: str) -> list[str]:
         except OSError:
             continue
         if text in cmdline and state != "Z":
-            found.append(cmdline)
+            found[int(entry.name)] = cmdline
     return found
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes whose arguments contain ``text`` (zombies excluded)."""
+    return list(live_processes_mentioning(text).values())
 
 
 def leftover_links(run_dir: Path) -> list[Path]:
@@ -74,10 +79,13 @@ def test_short_run_end_to_end(tmp_path: Path) -> None:
 
 def test_sigint_stops_every_process(tmp_path: Path) -> None:
     run_dir = tmp_path / "interrupted"
-    # Far more rounds than can finish before the signal: a 50-round run once ended on its own first (CI, 2-core).
+    # Far more rounds than can finish before the signal. The child gets SIGINT's default action back: a shell
+    # that starts the suite in the background without job control ignores SIGINT, every process inherits
+    # that, and Python then installs no KeyboardInterrupt handler (the run went on for thousands of rounds).
     testbed = subprocess.Popen(qfl("testbed", "--devices", "2", "--rounds", "5000", "--out", str(tmp_path),
                                    "--name", "interrupted", "--policy", "fixed"),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and testbed.poll() is None:
@@ -95,6 +103,10 @@ def test_sigint_stops_every_process(tmp_path: Path) -> None:
     finally:
         if testbed.poll() is None:
             testbed.kill()
+            testbed.wait()
+            for pid in live_processes_mentioning(str(run_dir)):  # its children run in sessions of their own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     assert testbed.returncode == 130, output[-2000:]
     assert "interrupted" in output
     assert processes_mentioning(str(run_dir)) == []
