@@ -269,8 +269,7 @@ def per_phase_energy(records: Sequence[EnergyRecord], *, min_records: int = 3) -
         iters, medians = np.array(points, dtype=float).reshape(-1, 2).T
         # Two I close together put the line's intercept far from the data, where noise dominates it.
         if len(points) >= 2 and iters.max() >= 2 * iters.min():
-            slope, intercept = np.polyfit(iters, medians, 1)
-            intercepts.append(float(intercept))
+            intercepts.append(float(np.polyfit(iters, medians, 1)[1]))
     return max(0.0, float(np.median(intercepts))) if intercepts else 0.0
 
 

@@ -158,8 +158,8 @@ class Problem:
 
     def round_energy(self, local_iters: ArrayLike, devices: ArrayLike, m: ArrayLike, n: ArrayLike) -> np.ndarray:
         """Joules of one round: K (I E_train(n) + E_phase + E_comm(m))."""
-        return np.asarray(devices, dtype=float) * self.device_round_energy(
-            np.asarray(local_iters, dtype=float), self.train_energy(n), self.uplink_energy(m))
+        return np.asarray(devices, dtype=float) * self.device_round_energy(local_iters, self.train_energy(n),
+                                                                           self.uplink_energy(m))
 
     def total_energy(self, local_iters: ArrayLike, devices: ArrayLike, m: ArrayLike, n: ArrayLike) -> np.ndarray:
         """E_total(I, K, m, n) = T * K (I E_train(n) + E_phase + E_comm(m)); ``inf`` where infeasible."""
