@@ -22,7 +22,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from edge.fixedpoint import FLOAT_BITS, Fixed, RandomSource, Rounding, power_of_two, requantize
 from edge.gemm import accumulate, product_bound
-from edge.lowbit import LOW_BITS, least_error_activations
+from edge.lowbit import LOW_BITS, least_error_activations, unclipped
 
 
 class Numerics:
@@ -85,6 +85,7 @@ class Parametric(Layer):
     """A layer with a weight and a bias bound as views into the network's flat buffers."""
 
     nonnegative_input = False
+    _keep: np.ndarray | None = None  # training at n <= 3: where the input grid held the input (see _input_on_grid)
     weight_exponent = 0
     """Exponent of this layer's weight and bias grid (set by the network; 0 at 32 bits)."""
 
@@ -97,6 +98,19 @@ class Parametric(Layer):
         self.w, self.b = values
         self.grad_w, self.grad_b = grads[0].reshape(len(grads[0]), -1), grads[1]
         self.half_w, self.half_b = halves[0].reshape(len(halves[0]), -1), halves[1]
+
+    def _input_on_grid(self, x: Fixed, train: bool) -> Fixed:
+        """The layer's input on the n-bit grid; in training at n <= 3 also notes which values the grid saturated."""
+        rounded = self.numerics.activations(x, self.nonnegative_input)
+        low_bits = train and rounded is not x and self.numerics.bits <= LOW_BITS
+        self._keep = unclipped(x, rounded) if low_bits else None
+        return rounded
+
+    def _input_gradient(self, dx: np.ndarray, exponent: int) -> Fixed:
+        """The error of the layer's input: no gradient through the values its grid saturated (:func:`unclipped`)."""
+        if self._keep is not None:
+            dx *= self._keep
+        return Fixed(dx, exponent)
 
     def _bias_added(self, acc: np.ndarray, x_exponent: int) -> np.ndarray:
         # The bias lives at the weights' exponent e_w, the accumulator at e_x + e_w.
@@ -144,7 +158,7 @@ class Dense(Parametric):
 
     def forward(self, x: Fixed, train: bool) -> Fixed:
         nm = self.numerics
-        x = nm.activations(x, self.nonnegative_input)
+        x = self._input_on_grid(x, train)
         if train:
             self._x = x
         bound = nm.aligned_bound(product_bound(self.inputs, x.bound, nm.weight_bound), x.exponent)
@@ -159,7 +173,7 @@ class Dense(Parametric):
         if not need_input_grad:
             return None
         bound = product_bound(self.units, g.bound, nm.weight_bound)
-        return Fixed(nm.matmul(g.q, self.w.T, bound), g.exponent + self.weight_exponent)
+        return self._input_gradient(nm.matmul(g.q, self.w.T, bound), g.exponent + self.weight_exponent)
 
     def __repr__(self) -> str:
         return f"Dense({self.inputs} -> {self.units})"
@@ -194,7 +208,7 @@ class Conv2D(Parametric):
 
     def forward(self, x: Fixed, train: bool) -> Fixed:
         nm = self.numerics
-        x = nm.activations(x, self.nonnegative_input)
+        x = self._input_on_grid(x, train)
         batch, h, w, c = x.q.shape
         p = self.padding
         padded = x.q
@@ -226,7 +240,7 @@ class Conv2D(Parametric):
         flipped = self.w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (k*k*F, C)
         bound = product_bound(k * k * f, g.bound, nm.weight_bound)
         dx = nm.matmul(_patches(stuffed, k, 1), flipped, bound)
-        return Fixed(dx.reshape(batch, h, w, c), g.exponent + self.weight_exponent)
+        return self._input_gradient(dx.reshape(batch, h, w, c), g.exponent + self.weight_exponent)
 
     def _grads_into(self, left: np.ndarray, right: np.ndarray, errors: np.ndarray, w_exponent: int,
                     g_exponent: int, term_bound: int, out_w: np.ndarray, out_b: np.ndarray) -> None:

@@ -23,7 +23,15 @@ ways, both measured on the CNNs (docs/fixed-point.md):
   integers span ``[-2**t, 2**t]``, one value more than t + 1 bits of two's
   complement hold: the ``+2**t`` of a wrong class given probability near 1.
 
-From n = 4 up neither is used: there the max-based formats lose little (a
+The backward pass of the first: where the least-error grid saturated an
+activation (it lies more than half a step above the grid's largest value),
+the straight-through estimator passes no gradient, as the derivative of a
+clipped quantizer is zero outside its range (:func:`unclipped`). Passing it
+pushed those units further up, into a range the grid no longer holds:
+measured on the digits MLP at n = 2, over seeds 0-29, 0.875 with it and
+0.891 without (docs/fixed-point.md).
+
+From n = 4 up none of this is used: there the max-based formats lose little (a
 step is at most 1/8 of the range) and every result measured with them stands.
 """
 
@@ -33,7 +41,8 @@ import math
 
 import numpy as np
 
-from edge.fixedpoint import Fixed, RandomSource, asymmetric_low, asymmetric_range, requantize, scale_exponent, uniform
+from edge.fixedpoint import (Fixed, RandomSource, asymmetric_low, asymmetric_range, power_of_two, requantize,
+                             scale_exponent, uniform)
 
 LOW_BITS = 3
 """The largest precision that uses the formats of this module."""
@@ -88,6 +97,20 @@ def least_error_activations(q: np.ndarray, exponent: int, bits: int, nonnegative
     bound = max(-low, low + codes) if smallest < 0.0 else 1 << bits  # as requantize: 2**n if unsigned
     return Fixed(integers[best].reshape(q.shape).astype(q.dtype), exponent + shifts[best], bound)
 
+
+
+def unclipped(exact: Fixed, rounded: Fixed) -> np.ndarray | None:
+    """Where the grid of ``rounded`` holds ``exact`` to within half a step (a bool mask like ``exact.q``),
+    or None where it holds every value: the values outside are the ones it saturated.
+
+        >>> x = Fixed(np.array([0.3, 0.6, 1.9]), 0)
+        >>> unclipped(x, least_error_activations(x.q, 0, bits=2)).tolist()   # step 1/4: 1.9 saturates at 0.75
+        [True, True, False]
+    """
+    scale = power_of_two(exact.exponent - rounded.exponent, np.float64)
+    distance = np.abs(np.multiply(exact.q, scale, dtype=np.float64) - rounded.q)
+    keep = distance <= 0.5
+    return None if keep.all() else keep
 
 
 def quantized_loss_gradient(probabilities: np.ndarray, labels: np.ndarray, bits: int,

@@ -85,7 +85,8 @@ def test_loss_gradient_is_unbiased_and_on_its_grid() -> None:
 def test_low_bit_gradient_is_the_batch_mean_for_any_batch_size() -> None:
     # The loss gradient is the batch's sum on its grid, divided by B at the end. For a batch of 24 (not a power
     # of two) the 2- and 3-bit gradients must point where the 4-bit one does, at the same scale (without the
-    # division they would be 24 times longer).
+    # division they would be 24 times longer). Shorter is allowed down to a quarter: at 2 and 3 bits no
+    # gradient passes through the activations the grid saturated (edge.lowbit.unclipped).
     ds = load_dataset("digits", seed=0)
     reference = Network(get_architecture("mlp"), bits=4, seed=1)
     grads = {}
@@ -97,7 +98,7 @@ def test_low_bit_gradient_is_the_batch_mean_for_any_batch_size() -> None:
     for bits in (2, 3):
         cosine = grads[bits] @ grads[4] / np.linalg.norm(grads[bits]) / np.linalg.norm(grads[4])
         ratio = np.linalg.norm(grads[bits]) / np.linalg.norm(grads[4])
-        assert cosine > 0.5 and 0.5 < ratio < 2.0, (bits, cosine, ratio)
+        assert cosine > 0.5 and 0.25 < ratio < 2.0, (bits, cosine, ratio)
 
 
 def test_only_low_bits_use_these_formats() -> None:
@@ -137,3 +138,16 @@ def test_mnist_subset_cnn_at_2_bits_does_not_blow_up() -> None:
         trainer.train(net, ds.x_train, ds.y_train, iterations=len(ds.y_train) // 32)
     loss, accuracy = evaluate(net, ds.x_test, ds.y_test)
     assert math.isfinite(loss) and loss < 2.0 and accuracy >= 0.5, (loss, accuracy)
+
+
+def test_no_gradient_passes_through_a_saturated_activation() -> None:
+    # One hidden unit far above the others: the least-error grid saturates it, so the error reaching the
+    # first layer is zero there and only there; at 4 bits (max-based grid) it passes.
+    for bits, blocked in ((2, True), (4, False)):
+        net = Network(get_architecture("mlp"), bits=bits, seed=0)
+        second = net.layers[2]
+        x = Fixed(np.tile(np.append(np.full(31, 0.3), 1.9), (4, 1)), 0)  # as in least_error_activations
+        second.forward(x, train=True)
+        g = second.backward(Fixed(np.ones((4, 10)), 0))
+        assert (np.count_nonzero(g.q[:, 31]) == 0) == blocked, bits
+        assert np.count_nonzero(g.q[:, :31]) > 0

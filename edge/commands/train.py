@@ -16,8 +16,6 @@ import argparse
 
 DEFAULT_LR = 0.03  # with momentum 0.9 (an effective step of 0.3), the same for every n (docs/fixed-point.md)
 DEFAULT_MOMENTUM = 0.9
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``qfl train``."""
     parser.add_argument("--dataset", default="digits", help="'digits', 'mnist-subset', 'mnist:DIR' or 'fashion-mnist:DIR'")
@@ -29,6 +27,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and rounding")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the train/test split")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="SGD learning rate")
+    parser.add_argument("--lr-schedule", choices=("step", "cosine", "constant"), default="step",  # edge.trainer.LR_SCHEDULES
+                        help="learning rate over the epochs: step drops it to a tenth for the last quarter "
+                             "(default), cosine decays it towards 0 epoch by epoch, constant keeps it")
     parser.add_argument("--momentum", type=float, default=DEFAULT_MOMENTUM, help="SGD momentum, 0 <= m < 1")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per SGD step")
     parser.add_argument("--error-rounding", choices=("stochastic", "nearest"), default="stochastic",
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from edge.data import load_dataset
     from edge.network import Network
-    from edge.trainer import LocalTrainer, evaluate
+    from edge.trainer import LocalTrainer, evaluate, train_epochs
     from models import counts, get_architecture
 
     try:
@@ -77,18 +78,16 @@ def run(args: argparse.Namespace) -> int:
 
     net = Network(arch, bits=args.bits, mode=args.mode, seed=args.seed, error_rounding=args.error_rounding)
     trainer = LocalTrainer(lr=args.lr, momentum=args.momentum, batch_size=args.batch_size, seed=args.seed)
-    per_epoch = max(1, len(ds.y_train) // args.batch_size)
     seconds = 0.0
-    for epoch in range(1, args.epochs + 1):
-        try:
-            result = trainer.train(net, ds.x_train, ds.y_train, iterations=per_epoch)
-        except FloatingPointError as exc:
-            raise CommandError(f"epoch {epoch}: {exc}") from None
-        seconds += result.seconds
-        if not args.json:
-            loss, accuracy = evaluate(net, ds.x_test, ds.y_test)
-            print(f"epoch {epoch}/{args.epochs}  train loss {result.loss:.4f}  test loss {loss:.4f}  "
-                  f"test accuracy {accuracy:.4f}  ({seconds:.2f} s)", file=sys.stderr, flush=True)
+    try:
+        for epoch, result in train_epochs(trainer, net, ds.x_train, ds.y_train, args.epochs, args.lr_schedule):
+            seconds += result.seconds
+            if not args.json:
+                loss, accuracy = evaluate(net, ds.x_test, ds.y_test)
+                print(f"epoch {epoch}/{args.epochs}  lr {trainer.lr:.4g}  train loss {result.loss:.4f}  "
+                      f"test loss {loss:.4f}  test accuracy {accuracy:.4f}  ({seconds:.2f} s)", file=sys.stderr, flush=True)
+    except FloatingPointError as exc:
+        raise CommandError(str(exc)) from None
     loss, accuracy = evaluate(net, ds.x_test, ds.y_test)
     report = {
         "accuracy": accuracy,
@@ -99,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
         "model": arch.name,
         "dataset": ds.name,
         "epochs": args.epochs,
-        "iterations": per_epoch * args.epochs,
+        "iterations": result.iterations * args.epochs,
         "seed": args.seed,
         "lr": args.lr,
+        "lr_schedule": args.lr_schedule,
         "momentum": args.momentum,
         "batch_size": args.batch_size,
         "error_rounding": args.error_rounding,
