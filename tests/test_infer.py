@@ -63,8 +63,8 @@ def export(net: Network, digits, path: Path, kind: str) -> Path:
 # Measured (docs/export.md): tflite-runtime 2.14's int8 kernels round requantization ties away from zero, the
 # engine to even, and (when the weights need all 8 bits) round twice. A tie moves an activation by a whole step:
 # a quarter of its range at 2 bits. LiteRT's kernels round like the engine. The other tflite-runtime cases pass.
-KNOWN = {("tflite-runtime", "cnn", 4): "92.2 %", ("tflite-runtime", "mlp", 2): "82.9 %",
-         ("tflite-runtime", "cnn", 2): "60.4 %"}
+KNOWN = {("tflite-runtime", "cnn", 4): "92.2 %", ("tflite-runtime", "mlp", 2): "80.2 %",
+         ("tflite-runtime", "cnn", 2): "45.9 %"}
 
 
 @pytest.mark.slow
