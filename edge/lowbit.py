@@ -98,7 +98,6 @@ def least_error_activations(q: np.ndarray, exponent: int, bits: int, nonnegative
     return Fixed(integers[best].reshape(q.shape).astype(q.dtype), exponent + shifts[best], bound)
 
 
-
 def unclipped(exact: Fixed, rounded: Fixed) -> np.ndarray | None:
     """Where the grid of ``rounded`` holds ``exact`` to within half a step (a bool mask like ``exact.q``),
     or None where it holds every value: the values outside are the ones it saturated.

@@ -16,6 +16,8 @@ import argparse
 
 DEFAULT_LR = 0.03  # with momentum 0.9 (an effective step of 0.3), the same for every n (docs/fixed-point.md)
 DEFAULT_MOMENTUM = 0.9
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``qfl train``."""
     parser.add_argument("--dataset", default="digits", help="'digits', 'mnist-subset', 'mnist:DIR' or 'fashion-mnist:DIR'")
