@@ -106,10 +106,13 @@ def unclipped(exact: Fixed, rounded: Fixed) -> np.ndarray | None:
         >>> unclipped(x, least_error_activations(x.q, 0, bits=2)).tolist()   # step 1/4: 1.9 saturates at 0.75
         [True, True, False]
     """
-    scale = power_of_two(exact.exponent - rounded.exponent, np.float64)
-    distance = np.abs(np.multiply(exact.q, scale, dtype=np.float64) - rounded.q)
-    keep = distance <= 0.5
-    return None if keep.all() else keep
+    # Rounding to nearest keeps every value within half a step, and the grids saturate only at the top
+    # (the smallest value rounds to the lowest code), so a threshold on the exact values finds the same
+    # set as the distance to the grid, in one comparison and only when something saturated.
+    top = (rounded.q.item(rounded.q.argmax()) + 0.5) * power_of_two(rounded.exponent - exact.exponent, np.float64)
+    if exact.q.item(exact.q.argmax()) <= top:
+        return None
+    return exact.q <= top
 
 
 def quantized_loss_gradient(probabilities: np.ndarray, labels: np.ndarray, bits: int,

@@ -96,8 +96,9 @@ def test_unknown_scheme_is_refused() -> None:
     (["--devices", "4", "--per-round", "0"], "--per-round must be 1..4"),
     (["--devices", "4", "--per-round", "2", "--sampling", "roulette"], "--sampling must be one of"),
     (["--devices", "2", "--dataset", "mnist:/nonexistent/dir"], "not a directory of MNIST-format IDX files"),
+    (["--devices", "2", "--momentum", "-0.1"], "--momentum must be in [0, 0.999], got -0.1"),
 ])
-def test_testbed_bad_sampling_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+def test_testbed_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     out = subprocess.run([sys.executable, "-m", "edge.cli", "testbed", *args, "--out", str(tmp_path), "--name", "x"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from basestation.sweep.grid import GridError, parse_bits, parse_policies
+from basestation.sweep.grid import Grid, GridError, parse_bits, parse_policies
+from basestation.sweep.runner import same_sweep, spec_of
+from basestation.testbed.settings import TestbedSettings
 from edge.cli import main as qfl
 
 
@@ -20,6 +22,8 @@ from edge.cli import main as qfl
     (["--policies", "fl32,greedy"], "valid: fl32, model, measured"),
     (["--board", "pi3"], "valid: pi-zero-2w, pi4, pi5"),
     (["--meters", "both"], "--meters must be one of fleet, process"),
+    (["--momentum", "1"], "--momentum must be in [0, 0.999], got 1.0"),
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected, capsys, tmp_path):
     assert qfl(["sweep", "--out", str(tmp_path / "s"), *args]) == 2
@@ -33,6 +37,15 @@ def test_grid_parsing():
     with pytest.raises(GridError, match="twice"):
         parse_bits("--grid-bits", "4,4")
     assert parse_policies("") == ()
+
+
+def test_a_sweep_stored_before_an_option_existed_resumes_only_with_its_default():
+    grid = Grid((32,), (4, 32), (5,))
+    stored = json.loads(json.dumps(spec_of(TestbedSettings(), grid, 1)))
+    del stored["testbed"]["momentum"]  # written before --momentum existed
+    assert same_sweep(stored, json.loads(json.dumps(spec_of(TestbedSettings(), grid, 1))))
+    assert not same_sweep(stored, json.loads(json.dumps(spec_of(TestbedSettings(momentum=0.9), grid, 1))))
+    assert not same_sweep(stored, json.loads(json.dumps(spec_of(TestbedSettings(lr=0.3), grid, 1))))
 
 
 SWEEP = ["sweep", "--grid-bits", "32", "--grid-uplink-bits", "4,32", "--grid-iterations", "5", "--policies",

@@ -46,6 +46,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--uplink-bits", type=int, default=_D.uplink_bits, help="start m of the adaptive policies")
     add("--iterations", type=int, default=_D.iterations, help="the experiment's I (fl32, model, measured's start)")
     add("--lr", type=float, default=_D.lr, help="local SGD learning rate")
+    add("--momentum", type=float, default=_D.momentum,
+        help="local SGD momentum, 0 to 0.999; each round starts from zero velocity (0: plain SGD)")
     add("--deadline", type=float, default=_D.deadline_seconds, help="seconds a round waits for updates")
     add("--seed", type=int, default=_D.seed, help="first seed")
     add("--target-accuracy", type=float, default=_D.target_accuracy, help="accuracy the energy is measured to")
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             raise GridError(f"unknown board {args.board!r}; valid: {', '.join(BOARDS)}")
         base = TestbedSettings(devices=args.devices, rounds=args.rounds, dataset=args.dataset, model=args.model,
                                partition=args.partition, bits=args.bits, uplink_bits=args.uplink_bits,
-                               board=args.board, iterations=args.iterations, lr=args.lr,
+                               board=args.board, iterations=args.iterations, lr=args.lr, momentum=args.momentum,
                                deadline_seconds=args.deadline, seed=args.seed, target_accuracy=args.target_accuracy,
                                link=args.link, meters=args.meters, name="sweep").checked()
     except (GridError, SettingsError) as exc:

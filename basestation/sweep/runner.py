@@ -50,6 +50,19 @@ def spec_of(base: TestbedSettings, grid: Grid, seeds: int) -> dict[str, Any]:
     return {"testbed": doc, "grid": dataclasses.asdict(grid), "seeds": seeds}
 
 
+def same_sweep(stored: dict[str, Any], spec: dict[str, Any]) -> bool:
+    """Whether a stored spec describes the sweep ``spec`` asks for.
+
+    A testbed option the stored spec lacks (it was written before the option
+    existed) counts as that option's default, so such a sweep still resumes
+    when it is asked for with the default.
+    """
+    defaults = json.loads(json.dumps(TestbedSettings().to_json()))
+    testbed = {**{key: defaults[key] for key in spec["testbed"].keys() - stored.get("testbed", {}).keys()
+                  if key in defaults}, **stored.get("testbed", {})}
+    return {**stored, "testbed": testbed} == spec
+
+
 def load_results(out: Path) -> dict[str, dict[str, Any]]:
     """Finished runs by key (a torn last line from a kill is ignored)."""
     results = {}
@@ -72,7 +85,7 @@ def run_sweep(base: TestbedSettings, grid: Grid, policies: tuple[str, ...], seed
     spec_path = out / SPEC
     if spec_path.exists():
         stored = json.loads(spec_path.read_text())
-        if stored != spec:
+        if not same_sweep(stored, spec):
             raise SweepError(f"{out} holds a different sweep ({spec_path}); use another --out or the same options")
     else:
         spec_path.write_text(json.dumps(spec, indent=2) + "\n")

@@ -42,6 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--board", default=_DEFAULTS.board, choices=BOARDS, help="power profile the meters emulate")
     add("--iterations", type=int, default=_DEFAULTS.iterations, help="local iterations per round (I)")
     add("--lr", type=float, default=_DEFAULTS.lr, help="local SGD learning rate")
+    add("--momentum", type=float, default=_DEFAULTS.momentum,
+        help="local SGD momentum, 0 to 0.999; each round starts from zero velocity (0: plain SGD)")
     add("--deadline", type=float, default=_DEFAULTS.deadline_seconds, help="seconds a round waits for updates")
     add("--seed", type=int, default=_DEFAULTS.seed, help="seed of data split, training and meter noise")
     add("--target-accuracy", type=float, default=_DEFAULTS.target_accuracy,
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     settings = TestbedSettings(
         devices=args.devices, rounds=args.rounds, dataset=args.dataset, model=args.model, partition=args.partition,
         policy=args.policy, bits=args.bits, uplink_bits=args.uplink_bits, board=args.board,
-        iterations=args.iterations, lr=args.lr, deadline_seconds=args.deadline, seed=args.seed,
+        iterations=args.iterations, lr=args.lr, momentum=args.momentum, deadline_seconds=args.deadline, seed=args.seed,
         per_round=args.per_round, sampling=args.sampling, meters=args.meters,
         target_accuracy=args.target_accuracy, out=args.out, name=args.name, link=args.link,
         stop_at_target=args.stop_at_target, history=args.history)

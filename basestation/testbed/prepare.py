@@ -84,8 +84,8 @@ def basestation_toml(settings: TestbedSettings, layout: RunLayout, broker_url: s
         "round": {"min_devices": settings.devices, "quorum": settings.quorum,
                   "deadline_seconds": settings.deadline_seconds, "devices_per_round": settings.per_round or 0,
                   "sampling": settings.sampling},
-        "training": {"iterations": settings.iterations, "lr": settings.lr, "batch_size": settings.batch_size,
-                     "mode": settings.mode},
+        "training": {"iterations": settings.iterations, "lr": settings.lr, "momentum": settings.momentum,
+                     "batch_size": settings.batch_size, "mode": settings.mode},
         "precision": {"policy": settings.policy, "n": settings.bits, "m": settings.uplink_bits},
     }
     if settings.stop_at_target:

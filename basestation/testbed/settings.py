@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +37,7 @@ class TestbedSettings:
     seed: int = 0
     iterations: int = 20
     lr: float = 0.2
+    momentum: float = 0.0
     batch_size: int = 32
     mode: str = "int"
     deadline_seconds: float = 30.0
@@ -74,6 +76,10 @@ class TestbedSettings:
         for flag, value in (("--bits", self.bits), ("--uplink-bits", self.uplink_bits)):
             if not 1 <= value <= 32:
                 raise SettingsError(f"{flag} must be 1..32, got {value}")
+        if not (math.isfinite(self.lr) and self.lr > 0.0):
+            raise SettingsError(f"--lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.momentum <= 0.999:
+            raise SettingsError(f"--momentum must be in [0, 0.999], got {self.momentum}")
         if not 0.0 < self.quorum <= 1.0:
             raise SettingsError(f"--quorum must be in (0, 1], got {self.quorum}")
         if not 0.0 < self.target_accuracy <= 1.0:
