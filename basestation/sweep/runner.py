@@ -57,10 +57,10 @@ def same_sweep(stored: dict[str, Any], spec: dict[str, Any]) -> bool:
     existed) counts as that option's default, so such a sweep still resumes
     when it is asked for with the default.
     """
-    defaults = json.loads(json.dumps(TestbedSettings().to_json()))
-    testbed = {**{key: defaults[key] for key in spec["testbed"].keys() - stored.get("testbed", {}).keys()
-                  if key in defaults}, **stored.get("testbed", {})}
-    return {**stored, "testbed": testbed} == spec
+    defaults = json.loads(json.dumps(TestbedSettings().to_json()))  # as stored: tuples become lists
+    stored_testbed = stored.get("testbed", {})
+    missing = {key: defaults[key] for key in spec["testbed"].keys() - stored_testbed.keys() if key in defaults}
+    return {**stored, "testbed": {**missing, **stored_testbed}} == spec
 
 
 def load_results(out: Path) -> dict[str, dict[str, Any]]:
