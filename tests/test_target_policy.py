@@ -62,6 +62,15 @@ def test_leave_one_setting_out_error_is_reported():
     assert summary["share_within"] == 1.0 and summary["median_abs_error"] < 0.15
 
 
+def test_a_held_out_i_is_predicted_from_the_other_two():
+    # With three I, leaving one out still leaves two to fit b: each I, the ends included, is predicted.
+    data = curves(seeds=(0,), bits=(8, 16, 32), ups=(8, 32), iters=(5, 10, 20))
+    rows = holdout_errors(data, TARGET, by="I")
+    assert {r["I"] for r in rows} == {5, 10, 20}
+    summary = error_summary(rows)
+    assert summary["share_within"] == 1.0 and summary["max_abs_error"] < 0.25
+
+
 def test_curves_at_one_i_scale_rounds_as_one_over_i():
     # One I cannot identify b: the fit takes b = -1 (a fixed number of SGD steps) and keeps its own I's
     # predictions; a held-out I then moves rounds by the I ratio.
