@@ -75,6 +75,7 @@ def test_small_real_sweep_prints_the_issue_object_and_resumes(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert html.count("<img") == 1 and (out / "curves.json").exists()
     assert "Energy model, train phase" in html and "with the per-n table" in html
+    assert "fewer than three I in the grid" in html  # one I: leave one I out cannot test the I exponent
 
     # A sweep killed during its last run: the results file lacks that line, its run directory is half written.
     results = (out / "results.jsonl").read_text().splitlines()

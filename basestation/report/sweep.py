@@ -92,6 +92,10 @@ def write_sweep_report(result: Mapping[str, Any], out: Path) -> Path:
             e = conv[label]
             parts.append(f"<p>Rounds model, {label.replace('_', ' ')}: {e['settings']} settings, "
                          f"{_pct(e['share_within'])} within 25%, median |error| {_pct(e['median_abs_error'])}</p>")
+    if "leave_one_I_out" in conv and len(s["grid"]["iterations"]) < 3:
+        parts.append("<p>With fewer than three I in the grid, each held-out I is predicted from curves at one I "
+                     "or none, where the exponent of I is the prior (-1), not a fit. A grid with three or more I "
+                     "tests how rounds scale with I.</p>")
     wape = result.get("calibration_wape_by_phase") or {}
     for phase in ("train", "uplink"):
         if isinstance(wape.get(phase), dict) and wape[phase].get("wape_calibrated_pct") is not None:
