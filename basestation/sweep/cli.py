@@ -28,7 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--grid-bits", default="4,8,16,32", help="training precisions n of the grid (comma-separated, 1..32)")
     add("--grid-uplink-bits", default="4,8,16,32", help="uplink precisions m of the grid (1..32)")
-    add("--grid-iterations", default="1,5,20", help="local iterations I of the grid")
+    add("--grid-iterations", default="1,5,20",
+        help="local iterations I of the grid; three or more let the rounds model fit how rounds scale with I")
     add("--policies", default="fl32,model,measured",
         help="policies run after the grid: fl32 (n = m = 32 at --iterations), model, measured")
     add("--seeds", type=int, default=3, help="seeds per setting (--seed, --seed + 1, ...)")
