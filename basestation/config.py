@@ -53,6 +53,9 @@ from basestation.bounds import BoundSettings
 from edge.mqtt import BrokerSettings, check_name
 from edge.runtime.config import ConfigError, Table, broker_settings, read_toml
 
+MAX_MOMENTUM = 0.999
+"""Largest local SGD momentum a run accepts (each round restarts from zero velocity)."""
+
 __all__ = ["BasestationConfig", "ConfigError", "PrecisionSettings", "RoundSettings", "TrainingSettings"]
 
 
@@ -178,7 +181,7 @@ class BasestationConfig:
         training = TrainingSettings(
             iterations=tr.integer("iterations", 10, low=1),
             lr=tr.number("lr", 0.1, low=1e-9),
-            momentum=tr.number("momentum", 0.0, low=0.0, high=0.999),
+            momentum=tr.number("momentum", 0.0, low=0.0, high=MAX_MOMENTUM),
             batch_size=tr.integer("batch_size", 32, low=1),
             mode=tr.get("mode", str, "int", choices=("int", "master")),
             uplink_scheme=tr.get("uplink_scheme", str, "scaled", choices=tuple(SCHEMES)),

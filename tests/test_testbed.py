@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from basestation.config import BasestationConfig
+from basestation.testbed.prepare import prepare_run
+from basestation.testbed.settings import TestbedSettings
+
 pytestmark = pytest.mark.slow
 
 
@@ -115,10 +119,6 @@ def test_sigint_stops_every_process(tmp_path: Path) -> None:
 
 
 def test_training_options_reach_the_basestation_config(tmp_path: Path) -> None:
-    from basestation.config import BasestationConfig
-    from basestation.testbed.prepare import prepare_run
-    from basestation.testbed.settings import TestbedSettings
-
     settings = TestbedSettings(devices=2, lr=0.3, momentum=0.9, iterations=7, out=tmp_path, name="opts").checked()
     layout = prepare_run(settings, "mqtt://127.0.0.1:1")
     training = BasestationConfig.load(layout.basestation_config).training

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from basestation.config import MAX_MOMENTUM
+
 POLICIES = ("measured", "measured-fit", "model", "fixed")
 BOARDS = ("pi-zero-2w", "pi4", "pi5")
 SAMPLINGS = ("uniform", "importance")
@@ -78,8 +80,8 @@ class TestbedSettings:
                 raise SettingsError(f"{flag} must be 1..32, got {value}")
         if not (math.isfinite(self.lr) and self.lr > 0.0):
             raise SettingsError(f"--lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.momentum <= 0.999:
-            raise SettingsError(f"--momentum must be in [0, 0.999], got {self.momentum}")
+        if not 0.0 <= self.momentum <= MAX_MOMENTUM:
+            raise SettingsError(f"--momentum must be in [0, {MAX_MOMENTUM}], got {self.momentum}")
         if not 0.0 < self.quorum <= 1.0:
             raise SettingsError(f"--quorum must be in (0, 1], got {self.quorum}")
         if not 0.0 < self.target_accuracy <= 1.0:
