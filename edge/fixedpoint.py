@@ -173,14 +173,33 @@ def update_weights(q: np.ndarray, delta: np.ndarray, bits: int, rng: RandomSourc
         q[...] = quantize_weights(q + delta * scale, 1, "stochastic", _generator(rng))
         return
     factor = scale * float(1 << (bits - 1))
+    lo, hi = weight_limits(bits)
+    add_stochastic(q, delta, factor, _constant(lo, q.dtype), _constant(hi, q.dtype), rng)
+
+
+def add_stochastic(q: np.ndarray, delta: np.ndarray, factor: float | np.ndarray, low: np.ndarray,
+                   high: np.ndarray, rng: RandomSource) -> None:
+    """The step of :func:`update_weights` (n >= 2) with its constants given: ``q += floor(delta * factor + u)``,
+    saturated at ``low`` and ``high``, in place.
+
+    ``factor`` converts ``delta`` into grid steps. A network that updates the
+    same buffer every step passes ``factor``, ``low`` and ``high`` as arrays
+    shaped like ``q`` (``grid_limits``): numpy's maximum and minimum run about
+    twice as fast against a full array as against a 0-d one.
+    """
     steps = delta * factor if delta.dtype is q.dtype else np.multiply(delta, factor, dtype=q.dtype)
     steps += uniform(rng, steps.shape)
     np.floor(steps, out=steps)
     q += steps
-    lo, hi = weight_limits(bits)
     # No test first: in training nearly every step has weights at an end of the grid.
-    np.maximum(q, _constant(lo, q.dtype), out=q)
-    np.minimum(q, _constant(hi, q.dtype), out=q)
+    np.maximum(q, low, out=q)
+    np.minimum(q, high, out=q)
+
+
+def grid_limits(bits: int, size: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The weight grid's smallest and largest integer (n >= 2), each as a flat array of ``size`` in ``dtype``."""
+    lo, hi = weight_limits(bits)
+    return np.full(size, lo, dtype), np.full(size, hi, dtype)
 
 
 # ---------------------------------------------------------------------------

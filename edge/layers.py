@@ -279,11 +279,16 @@ class ReLU(Layer):
     """``max(x, 0)``."""
 
     nonnegative_output = True
+    _zeros: np.ndarray | None = None
 
     def forward(self, x: Fixed, train: bool) -> Fixed:
-        y = np.maximum(x.q, 0)
+        zeros = self._zeros
+        if zeros is None or zeros.shape != x.q.shape or zeros.dtype is not x.q.dtype:
+            # numpy's maximum and comparisons run about twice as fast against a full array as against a scalar
+            zeros = self._zeros = np.zeros_like(x.q)
+        y = np.maximum(x.q, zeros)
         if train:
-            self._active = y > 0
+            self._active = y > zeros
         return Fixed(y, x.exponent, x.bound)
 
     def backward(self, g: Fixed, need_input_grad: bool = True, split: int | None = None) -> Fixed:

@@ -42,7 +42,9 @@ from edge.fixedpoint import (
     UniformPool,
     carrier_dtype,
     check_bits,
+    add_stochastic,
     check_rounding,
+    grid_limits,
     power_of_two,
     quantize_weights,
     requantize,
@@ -107,7 +109,7 @@ class Network:
             ranges += [np.full(int(np.prod(shape)), 2.0**k) for _, shape in layer.param_shapes]
         self._range = np.concatenate(ranges)  # 2**k of each parameter's layer, float64
         self._inv_range = 1.0 / self._range  # exact: powers of two
-        self._scaled_range: tuple[float, np.ndarray] | None = None  # cache of (scale, scale / range)
+        self._update_constants: tuple | None = None  # (scale, factor, low, high) of add_stochastic, see step()
         self.grad = np.zeros(self.size, dtype=float_dtype)
         self.grad_half = np.zeros(self.size, dtype=float_dtype)
         self._load(self._initial_values(), rounding="stochastic")
@@ -260,13 +262,17 @@ class Network:
             self._q += update * scale if scale != 1.0 else update
         elif self._master is not None:
             self._master += update * scale if scale != 1.0 else update
-            np.clip(self._master, self._master_low, self._master_high, out=self._master)
+            np.maximum(self._master, self._master_low, out=self._master)  # a clip, at half np.clip's cost
+            np.minimum(self._master, self._master_high, out=self._master)
             quantize_weights(self._master * self._master_inv, self._bits, out=self._q)
+        elif self._bits == 1:
+            update_weights(self._q, update, 1, self._uniform, (self._inv_range * scale).astype(self._q.dtype))
         else:
-            cached = self._scaled_range
+            cached = self._update_constants
             if cached is None or cached[0] != scale:
-                cached = self._scaled_range = (scale, (self._inv_range * scale).astype(self._q.dtype))
-            update_weights(self._q, update, self._bits, self._uniform, cached[1])
+                factor = (self._inv_range * scale).astype(self._q.dtype) * float(1 << (self._bits - 1))
+                cached = self._update_constants = (scale, factor, *grid_limits(self._bits, self.size, self._q.dtype))
+            add_stochastic(self._q, update, *cached[1:], self._uniform)
 
     def snapshot(self) -> np.ndarray:
         """A copy of the trainable state, for :meth:`delta_since`."""
@@ -315,7 +321,7 @@ class Network:
         """Set the state from real values at the current precision and rebind the layers' views."""
         bits = self._bits
         self._master = None
-        self._scaled_range = None
+        self._update_constants = None
         if bits == FLOAT_BITS:
             self._q = values.astype(self._float_dtype)
         elif self.mode == "master":

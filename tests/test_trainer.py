@@ -282,3 +282,38 @@ def test_digits_mlp_accuracy_over_three_seeds(digits, bits: int, target: float) 
         LocalTrainer(lr=0.3, seed=seed).train(net, digits.x_train, digits.y_train, iterations=20 * EPOCH)
         accuracies.append(evaluate(net, digits.x_test, digits.y_test)[1])
     assert float(np.mean(accuracies)) >= target, accuracies
+
+
+@pytest.mark.parametrize("bits", [2, 8, 12])
+def test_step_is_update_weights_with_cached_constants(bits: int) -> None:
+    """Network.step keeps its factor and grid limits between steps; it must add exactly what update_weights adds,
+    also when the learning rate changes and when the update drives weights past both ends of the grid."""
+    from edge.fixedpoint import UniformPool, update_weights
+
+    net = Network(get_architecture("mlp"), bits=bits, seed=3)
+    reference = net._q.copy()
+    pool = UniformPool(np.random.default_rng(11))
+    net._uniform = pool  # the step draws from this pool; the reference from a twin in the same state
+    twin = UniformPool(np.random.default_rng(11))
+    rng = np.random.default_rng(2)
+    lo, hi = weight_limits(bits)
+    for scale in (-0.1, -0.1, -0.03, -50.0, 50.0):
+        update = rng.normal(size=net.size).astype(net.grad.dtype)
+        net.step(update, scale)
+        update_weights(reference, update, bits, twin, (net._inv_range * scale).astype(reference.dtype))
+        np.testing.assert_array_equal(net._q, reference)
+    assert net._q.min() == lo and net._q.max() == hi  # the large steps saturated both ends
+
+
+def test_flat_step_bench_trains_like_the_engine(digits) -> None:  # type: ignore[no-untyped-def]
+    """bench/step_floor.py's flat steps stay the engine's computation (it checks each step before timing)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "step_floor.py"
+    spec = importlib.util.spec_from_file_location("step_floor", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    batches = [np.random.default_rng(i).choice(len(digits.y_train), bench.BATCH, replace=False) for i in range(6)]
+    runs = bench.steppers(digits.x_train, digits.y_train, batches)  # raises if any step differs
+    assert sorted(runs) == ["engine/8", "engine/float32", "flat/8", "flat/float32"]
