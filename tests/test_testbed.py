@@ -63,6 +63,9 @@ def test_short_run_end_to_end(tmp_path: Path) -> None:
     assert summary["accuracy"][-1] > summary["accuracy"][0]
     for key in ("energy_j", "energy_model_j", "seconds"):
         assert summary[key] is not None and summary[key] > 0, key
+    # The closing line sets the model against the energy above idle, the quantity it predicts.
+    assert (f"{summary['energy_above_idle_j']:.3g} J of it above idle, where the model said "
+            f"{summary['energy_model_j']:.3g} J") in out.stderr
 
     # The measured energy is the sum of the stored energy reports ...
     with sqlite3.connect(run_dir / "store.sqlite") as db:

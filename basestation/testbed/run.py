@@ -195,13 +195,15 @@ def _finish(settings: TestbedSettings, layout: RunLayout, seconds: float, consol
     (layout.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     run = load_run(layout.root, experiment=settings.experiment)
     report = write_report([run], layout.root, target_accuracy=settings.target_accuracy).html
+    # The model predicts the energy above idle, so that is what it is set against here.
     console.print(f"final accuracy {summary['final_accuracy']:.3f} after {summary['rounds']} rounds; measured "
-                  f"{summary['energy_j']:.1f} J, modelled {_fmt(summary['energy_model_j'])} J; {seconds:.0f} s",
-                  highlight=False)
+                  f"{summary['energy_j']:.3g} J, {summary['energy_above_idle_j']:.3g} J of it above idle, where "
+                  f"the model said {_joules(summary['energy_model_j'])} (calibrated "
+                  f"{_joules(summary['energy_calibrated_j'])}); {seconds:.0f} s", highlight=False)
     console.print(f"report: {report}", highlight=False)
     return RunResult(layout.root, summary, report)
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+def _joules(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g} J"
 
