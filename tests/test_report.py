@@ -443,6 +443,27 @@ def test_load_run_reads_rounds_and_every_stored_energy_phase(run_dir) -> None:
                                 "predicted_n": 32, "predicted_energy_j": 1.5}
 
 
+def test_a_run_at_one_precision_says_why_nothing_was_calibrated(tmp_path: Path) -> None:
+    from basestation.report import load_run
+
+    write_run_dir(tmp_path / "one", rounds=3, precisions=(8,))
+    run = load_run(tmp_path / "one")
+    assert all(e.calibrated_joules is None for e in run.energy) and run.energy
+    why = [note for note in run.notes if note.startswith("The basestation's latest calibration could not fit")]
+    assert len(why) == 1
+    assert "computation: need " in why[0] and "training precisions" in why[0]
+    assert "uplink: every uplink sent" in why[0] and "need at least two message sizes" in why[0]
+    page = write_report([run], tmp_path / "report").html.read_text(encoding="utf-8")
+    assert "could not fit the model yet (computation: need " in page
+
+
+def test_calibrated_runs_have_no_such_note(run_dir) -> None:
+    from basestation.report import load_run
+
+    run = load_run(run_dir[0])
+    assert not any("could not fit the model yet" in note for note in run.notes)
+
+
 def test_modelled_energy_before_and_after_calibration(run_dir) -> None:
     from basestation.energy.calibration import Calibration
     from basestation.energy.testbed_model import PI4_DEFAULTS as P

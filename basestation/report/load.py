@@ -197,6 +197,8 @@ def _contents(store: Any, record: Any) -> StoreContents:
     notes += [f"{count} energy phase(s) could not be modelled: {why}" for why, count in unmodelled.items()]
     if unusable:
         notes.append(f"{unusable} stored energy phase(s) carry no energy figure and are left out.")
+    if fits and energy and all(r.calibrated_joules is None for r in energy):
+        notes.append(_why_uncalibrated(fits[-1][1]))
 
     decisions = [_decision(d) for d in store.decisions(experiment)]
     kept = {(e.device, e.round, e.phase) for e in energy}
@@ -205,6 +207,14 @@ def _contents(store: Any, record: Any) -> StoreContents:
     rejections = [{"round": r.round, "device": r.device, "kind": r.kind, "reason": r.reason, "detail": r.detail}
                   for r in store.rejections(experiment)]
     return StoreContents(experiment, dict(record.config), rounds, energy, decisions, windows, notes, rejections)
+
+
+def _why_uncalibrated(fit: Any) -> str:
+    """Why the basestation's latest calibration left every phase uncalibrated: its fleet fit's own reasons."""
+    parts = [f"{name}: {part.reason}" for name, part in (("computation", fit.fleet.compute),
+                                                          ("uplink", fit.fleet.uplink)) if not part.ok]
+    return ("The basestation's latest calibration could not fit the model yet"
+            + (" (" + "; ".join(parts) + ")." if parts else "."))
 
 
 def _round(r: Any) -> RoundRecord:
