@@ -51,8 +51,8 @@ def _table(base: dict[str, Any], other: dict[str, Any], saving: float | None, ta
     for s in (base, other):
         last = s["bits"][-1] if s["bits"] else ["-", "-"]
         reached = "not reached" if s["target_round"] is None else str(s["target_round"])
-        energy = "-" if s["energy_to_target_j"] is None else f"{s['energy_to_target_j']:.1f}"
+        energy = "-" if s["energy_to_target_j"] is None else f"{s['energy_to_target_j']:.3g}"  # the saving's digits
         table.add_row(s["name"], f"{s['final_accuracy']:.3f}" if s["final_accuracy"] is not None else "-", reached,
-                      energy, f"{s['energy_j']:.1f}", f"{last[0]}/{last[1]}")
+                      energy, f"{s['energy_j']:.3g}", f"{last[0]}/{last[1]}")
     table.caption = "saving: " + ("n/a (a run did not reach the target)" if saving is None else f"{saving:.1%}")
     return table
