@@ -36,6 +36,8 @@ relative to the file)::
     policy = "fixed"         # or "model", "measured" (basestation.energy.policies)
     n = 8
     m = 8
+    # history = "store"      # measured: learning curves from this store's earlier experiments,
+                             # or a curves JSON / another store file (basestation.energy.store_history)
 
     [bounds]                 # what a device may claim (basestation.bounds, docs/security.md)
     max_update_abs = 0       # |value| bound per update entry; 0: 4 at n < 32 bits, float_update_abs at 32

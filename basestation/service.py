@@ -152,11 +152,28 @@ class Basestation:
         per_round = cfg.round.devices_per_round or len(devices)
         if per_round > len(devices):
             raise ServiceError(f"devices_per_round is {per_round} but the credentials list {len(devices)} devices")
+        options = dict(cfg.precision.options)
+        if cfg.precision.policy == "measured" and options.get("history") is not None:
+            options["history"] = self._history(options["history"])
         self.policy = build_policy(cfg.precision.policy, devices=devices, local_iters=cfg.training.iterations,
                                    devices_per_round=per_round, model=cfg.model, epsilon=cfg.precision.epsilon,
-                                   n=cfg.precision.n, m=cfg.precision.m, **cfg.precision.options)
+                                   n=cfg.precision.n, m=cfg.precision.m, **options)
         self.policy.resume(self._last_decision())
         self._restore_round()
+
+    def _history(self, history: Any) -> list:
+        """The learning curves ``[precision] history`` names (see ``basestation.energy.store_history``)."""
+        from basestation.energy.store_history import resolve_history
+
+        try:
+            curves, skipped = resolve_history(history, own_store=self.store, like=self.config.to_json(),
+                                              experiment=self.config.experiment)
+        except ValueError as exc:
+            raise ServiceError(str(exc)) from None
+        for experiment, why in sorted(skipped.items()):
+            log.info("history: experiment %s gives no learning curve: %s", experiment, why)
+        log.info("history: %d learning curve(s) from %s", len(curves), history)
+        return curves
 
     def _last_decision(self) -> Any:
         from basestation.energy.policies import Decision

@@ -56,9 +56,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--link", default=_DEFAULTS.link, help="uplink link profile each device sends through "
         "(firmware_tools/emulator/links.toml: loopback, wifi, lte-m, kim2022)")
     add("--stop-at-target", action="store_true", help="end the run at the first round that reaches --target-accuracy")
-    add("--history", type=Path, default=None, metavar="CURVES.json",
-        help="learning curves (qfl sweep writes curves.json) the 'measured' policy fits its rounds-to-target "
-             "model to; without it the policy holds --bits/--uplink-bits")
+    add("--history", type=Path, default=None, metavar="CURVES.json|STORE.sqlite",
+        help="learning curves the 'measured' policy fits its rounds-to-target model to: a curves.json that "
+             "qfl sweep writes, or an earlier run's store.sqlite (its experiments that held one setting of the "
+             "same model, data and training); without it the policy holds --bits/--uplink-bits")
     add("--json", action="store_true", help="print summary.json to stdout at the end")
 
 

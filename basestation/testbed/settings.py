@@ -92,7 +92,7 @@ class TestbedSettings:
         except LinkProfileError:
             raise SettingsError(f"--link must be one of {', '.join(link_names())}, got {self.link!r}") from None
         if self.history is not None and not Path(self.history).is_file():
-            raise SettingsError(f"--history {self.history} is not a file (a curves JSON written by qfl sweep)")
+            raise SettingsError(f"--history {self.history} is not a file (a curves JSON written by qfl sweep, or a run's store.sqlite)")
         name = self.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{self.policy}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
             raise SettingsError(f"run name must be letters, digits, '.', '_' or '-', got {name!r}")
