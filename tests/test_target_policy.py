@@ -86,6 +86,19 @@ def test_curves_at_one_i_scale_rounds_as_one_over_i():
     assert two_i.params[1] == pytest.approx(-0.6, abs=0.15)  # with two I the data decide (true b = -0.6)
 
 
+def test_an_i_whose_curves_never_reached_the_target_does_not_set_b():
+    # I = 20 reached the target; every I = 5 curve stopped short at 4 rounds (censored: R > 4 there).
+    reached = [Curve(n, 8, 20, seed, (0.6, 0.8, 0.88, 0.92)) for n in (8, 32) for seed in (0, 1)]
+    short = [Curve(n, 8, 5, seed, (0.35, 0.47, 0.54, 0.67)) for n in (8, 32) for seed in (0, 1)]
+    fit = fit_rounds(reached + short, TARGET)
+    assert fit.params[1] == -1.0 and fit.censored == 4
+    assert fit.predict(8, 8, 20) == pytest.approx(4, rel=0.05)
+    assert fit.predict(8, 8, 5) == pytest.approx(16, rel=0.05)  # 4 rounds at I = 20, times 20 / 5
+    # Censoring alone let the fit meet "R > 4" by predicting barely more than 4 rounds at I = 5:
+    unconstrained = fit_rounds(reached + short + [Curve(8, 8, 5, 9, (0.5, 0.7, 0.8, 0.85, 0.88, 0.9))], TARGET)
+    assert unconstrained.params[1] != -1.0  # one I = 5 curve reached the target: the data decide b again
+
+
 def test_curves_round_trip_through_json(tmp_path):
     data = curves(seeds=(0,), bits=(8,), ups=(4,), iters=(5,))
     save_curves(tmp_path / "c.json", data, model="mlp")

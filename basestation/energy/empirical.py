@@ -15,7 +15,10 @@ when the model predicts fewer rounds than it ran (a one-sided, Tobit-like
 penalty).
 
 Curves at a single I cannot say how rounds scale with I: there ``a`` and
-``b`` are one constant. The fit then takes ``b = -1`` (``SINGLE_I_EXPONENT``):
+``b`` are one constant. Nor can curves at several I of which only one I ever
+reached the target: the others are censored, a lower bound the fit would meet
+by predicting just above their lengths. The fit then takes ``b = -1``
+(``SINGLE_I_EXPONENT``):
 a fixed number of SGD steps to the target, so R halves when I doubles. That is
 local SGD's behaviour on IID data while I is small against the steps needed
 (Stich, "Local SGD converges fast and communicates little", ICLR 2019). It does
@@ -167,10 +170,15 @@ def fit_rounds(curves: Sequence[Curve], target: float) -> RoundsFit:
     n, m, I, logr = n.astype(float), m.astype(float), I.astype(float), np.log(r.astype(float))
     cens = cens.astype(bool)
     single_i = np.unique(I).size < 2
+    # Censored curves only bound R from below, so with targets reached at one I alone b is not identified:
+    # the fit would take R at the other I just above their lengths. There b is the prior as well.
+    reached_at_one_i = not single_i and np.unique(I[~cens]).size < 2
 
     def residuals(p: np.ndarray) -> np.ndarray:
         if single_i:
             p = np.array([p[0], 0.0, p[2], p[3]])
+        elif reached_at_one_i:
+            p = np.array([p[0], SINGLE_I_EXPONENT, p[2], p[3]])
         res = _log_pred(p, n, m, I) - logr
         res[cens] = np.minimum(res[cens], 0.0)  # censored: only predicting too few rounds is an error
         # A weak pull of the precision constants towards "no effect" keeps them defined when the data say nothing.
@@ -188,6 +196,8 @@ def fit_rounds(curves: Sequence[Curve], target: float) -> RoundsFit:
     p = best.x.copy()
     if single_i:  # fitted with b = 0; the same predictions at that I with b = SINGLE_I_EXPONENT
         p[0] -= SINGLE_I_EXPONENT * math.log(float(I[0]))
+        p[1] = SINGLE_I_EXPONENT
+    elif reached_at_one_i:
         p[1] = SINGLE_I_EXPONENT
     res = residuals(p)[:-2]
     return RoundsFit(params=tuple(float(v) for v in p), target=float(target), observations=int(len(rows)),
