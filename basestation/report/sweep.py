@@ -36,19 +36,29 @@ def heatmap_png(result: Mapping[str, Any], iterations: int) -> bytes:
     ax.set_ylabel("training bits n")
     best = result.get("hindsight_best")
     for i, j in np.ndindex(values.shape):
-        text = "never" if math.isnan(values[i, j]) else f"{values[i, j]:.1f}"
+        text = "never" if math.isnan(values[i, j]) else f"{values[i, j]:.3g}"  # neighbours differ by a few %
         star = best is not None and (ns[i], ms[j], iterations) == (best["n"], best["m"], best["I"])
+        light = math.isnan(values[i, j]) or image.norm(values[i, j]) < 0.5  # viridis_r is light at the low end
         ax.text(j, i, text + (" *" if star else ""), ha="center", va="center", fontsize=8,
-                color="white" if not math.isnan(values[i, j]) else "black")
+                color="black" if light else "white")
     s = result["scenario"]
     ax.set_title(f"energy to {result['target_accuracy']:.2f} (J), I={iterations}\n{s['model']}, {s['board']}, "
-                 f"{s['link']}, mean of {s['seeds']} seeds", fontsize=9)
-    fig.colorbar(image, ax=ax, label="J")
+                 f"{s['link']}, mean of {_count(s['seeds'], 'seed')}", fontsize=9)
+    if not np.isnan(values).all():  # a scale for no values would only show matplotlib's default range
+        fig.colorbar(image, ax=ax, label="J")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _values(values: Any) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _means(result: Mapping[str, Any], iterations: int) -> dict[tuple[int, int], float | None]:
@@ -76,8 +86,9 @@ def write_sweep_report(result: Mapping[str, Any], out: Path) -> Path:
     parts = [f"<h1>qfl sweep: energy to target accuracy {result['target_accuracy']:.2f}</h1>"]
     s = result["scenario"]
     parts.append(f"<p>{html.escape(s['model'])} on {html.escape(s['board'])} over {html.escape(s['link'])}, "
-                 f"{s['devices']} devices, grid n={s['grid']['bits']} m={s['grid']['uplink_bits']} "
-                 f"I={s['grid']['iterations']}, {s['seeds']} seeds, at most {s['max_rounds']} rounds.</p>")
+                 f"{s['devices']} devices, grid n = {_values(s['grid']['bits'])}, m = "
+                 f"{_values(s['grid']['uplink_bits'])}, I = {_values(s['grid']['iterations'])}, "
+                 f"{_count(s['seeds'], 'seed')}, at most {s['max_rounds']} rounds.</p>")
     best = result.get("hindsight_best")
     parts.append("<p>Hindsight best: " + ("none reached the target on every seed" if best is None else
                  f"n={best['n']}, m={best['m']}, I={best['I']}: {best['energy_to_target_j']:.2f} J") + "</p>")
@@ -91,7 +102,8 @@ def write_sweep_report(result: Mapping[str, Any], out: Path) -> Path:
         if label in conv:
             e = conv[label]
             parts.append(f"<p>Rounds model, {label.replace('_', ' ')}: {e['settings']} settings, "
-                         f"{_pct(e['share_within'])} within 25%, median |error| {_pct(e['median_abs_error'])}</p>")
+                         f"{_share(e['share_within'])} within 25%, median |error| "
+                         f"{_share(e['median_abs_error'])}</p>")
     if "leave_one_I_out" in conv and len(s["grid"]["iterations"]) < 3:
         parts.append("<p>With fewer than three I in the grid, each held-out I is predicted from curves at one I "
                      "or none, where the exponent of I is the prior (-1), not a fit. A grid with three or more I "
@@ -119,6 +131,11 @@ def write_sweep_report(result: Mapping[str, Any], out: Path) -> Path:
 
 def _j(value: float | None) -> str:
     return "not reached" if value is None else f"{value:.2f}"
+
+
+def _share(value: float | None) -> str:
+    """A share or a magnitude as a percentage, unsigned (``_pct`` signs changes)."""
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _pct(value: float | None) -> str:
