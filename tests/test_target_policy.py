@@ -136,6 +136,23 @@ def test_policy_picks_the_least_energy_to_target_and_holds_it():
     assert d.inputs["calibration"]["train_factor"] == pytest.approx(1.1, rel=0.05)
 
 
+def test_a_setting_that_never_reached_the_target_is_no_candidate():
+    # (4, 8, 20) is cheap per round but its history curves stopped short of the target at 4 rounds; (8, 8, 20)
+    # and (32, 8, 20) reached it in 4. Censoring lets the fit put n = 4 just above 4 rounds: the cheapest on paper.
+    def curve(n, seed, accuracy, joules):
+        return Curve(n, 8, 20, seed, accuracy, energy_j=(joules,) * 4, train_j=(joules / 2,) * 4, uplink_j=(0.2,) * 4)
+
+    reached = (0.6, 0.8, 0.88, 0.92)
+    history = [curve(8, seed, reached, 2.0) for seed in (0, 1)] + [curve(32, seed, reached, 2.2) for seed in (0, 1)]
+    history += [curve(4, seed, (0.5, 0.7, 0.8, 0.86), 1.5) for seed in (0, 1)]
+    policy = EnergyToTargetPolicy(devices=["pi-0"], n=8, m=8, local_iters=20, devices_per_round=1, history=history)
+    decision = policy.decide(1, [])
+    candidates = {c["n"]: c for c in decision.inputs["candidates"]}
+    assert candidates[4]["reached"] is False and candidates[8]["reached"] is True
+    assert candidates[4]["energy_to_target_j"] < candidates[8]["energy_to_target_j"]
+    assert (decision.n, decision.m, decision.local_iters) == (8, 8, 20) and not decision.explore
+
+
 def test_policy_explores_only_when_the_expected_saving_beats_the_cost():
     data = curves()
     policy = EnergyToTargetPolicy(devices=["pi-0"], n=8, m=8, local_iters=5, devices_per_round=1,

@@ -1,7 +1,9 @@
 """The ``measured`` policy: least measured energy to the target accuracy, from learning curves and the meters.
 
 For every candidate setting s = (n, m, I) that the history holds curves of,
-the policy predicts the energy to target as
+at least one of which reached the target (of a setting that never did, the
+history says only that it needs more rounds than it ran), the policy
+predicts the energy to target as
 
     E_round(s) x R(s)
 
@@ -74,6 +76,7 @@ class EnergyToTargetPolicy:
             except CurveError:
                 self.fit = None
         self._per_round = self._history_energy(curves)
+        self._reached = {c.setting for c in curves if c.rounds_to(self.target) is not None}
         self.incumbent: Setting3 | None = None
         self.explored: list[Setting3] = []
         self.settled = False  # once it has held a setting without exploring, it never explores again
@@ -114,10 +117,12 @@ class EnergyToTargetPolicy:
                                   "calibration": factors, "hysteresis": self.hysteresis,
                                   "candidates": [{"n": s[0], "m": s[1], "I": s[2], **v} for s, v in
                                                  sorted(table.items(), key=lambda kv: kv[1]["energy_to_target_j"])]}
-        feasible = {s: v for s, v in table.items() if math.isfinite(v["energy_to_target_j"])}
+        # A setting none of whose history curves reached the target has only a lower bound on its rounds
+        # (the censored runs' lengths), so it is neither adopted nor explored on that bound.
+        feasible = {s: v for s, v in table.items() if math.isfinite(v["energy_to_target_j"]) and v["reached"]}
         if not feasible:
             return self._decision(round, self.incumbent or self.start,
-                                  "hold: no candidate is predicted to reach the target", inputs)
+                                  "hold: no candidate that reached the target in the history is predicted to", inputs)
         best = min(feasible, key=lambda s: feasible[s]["energy_to_target_j"])
         if self.incumbent is None or self.incumbent not in feasible:
             self.incumbent = best
@@ -207,7 +212,7 @@ class EnergyToTargetPolicy:
             rounds = self.fit.predict(*s)
             out[s] = {"energy_per_round_j": per_round, "predicted_rounds": rounds if math.isfinite(rounds) else None,
                       "energy_to_target_j": per_round * rounds if math.isfinite(rounds) else math.inf,
-                      "energy_spread": h["spread"]}
+                      "energy_spread": h["spread"], "reached": s in self._reached}
         return out
 
     @staticmethod
