@@ -19,7 +19,7 @@ see :func:`resolve_history`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from basestation.energy.empirical import Curve, load_curves
 
@@ -79,21 +79,30 @@ def curves_from_store(store: Any, *, like: Mapping[str, Any],
         if not isinstance(iterations, int):
             skipped[record.id] = "its round plans do not say how many local iterations they ran"
             continue
-        per_round = {r.round: {"energy": 0.0, "train": 0.0, "uplink": 0.0} for r in rounds}
-        for e in store.energy(record.id):
-            slot = per_round.get(e.round)
-            if slot is None or e.joules is None:
-                continue
-            slot["energy"] += e.joules
-            if e.phase in ("train", "uplink") and e.joules_above_idle is not None:
-                slot[e.phase] += e.joules_above_idle
-        order = [r.round for r in rounds]
+        energy, train, uplink = energy_per_round(store.energy(record.id), [r.round for r in rounds])
         curves.append(Curve(n=n, m=m, I=iterations, seed=int(record.config.get("seed") or 0),
                             accuracy=tuple(r.accuracy if r.accuracy is not None else 0.0 for r in rounds),
-                            energy_j=tuple(per_round[k]["energy"] for k in order),
-                            train_j=tuple(per_round[k]["train"] for k in order),
-                            uplink_j=tuple(per_round[k]["uplink"] for k in order)))
+                            energy_j=energy, train_j=train, uplink_j=uplink))
     return curves, skipped
+
+
+def energy_per_round(phases: Iterable[Any], rounds: Sequence[int]) -> tuple[tuple[float, ...], ...]:
+    """``(energy_j, train_j, uplink_j)`` of ``rounds``, in that order, summed over the devices' ``phases``.
+
+    ``energy_j`` is every phase's measured energy (idle included), ``train_j``
+    and ``uplink_j`` the above-idle energy of those phases: what a learning
+    curve holds (:class:`basestation.energy.empirical.Curve`). Phases of other
+    rounds, and figures a phase does not have (None), are left out.
+    """
+    sums = {r: [0.0, 0.0, 0.0] for r in rounds}
+    for e in phases:
+        slot = sums.get(e.round)
+        if slot is None or e.joules is None:
+            continue
+        slot[0] += e.joules
+        if e.phase in ("train", "uplink") and e.joules_above_idle is not None:
+            slot[1 if e.phase == "train" else 2] += e.joules_above_idle
+    return tuple(tuple(sums[r][k] for r in rounds) for k in range(3))
 
 
 def is_store_file(path: str | Path) -> bool:

@@ -122,7 +122,8 @@ class EnergyToTargetPolicy:
         feasible = {s: v for s, v in table.items() if math.isfinite(v["energy_to_target_j"]) and v["reached"]}
         if not feasible:
             return self._decision(round, self.incumbent or self.start,
-                                  "hold: no candidate that reached the target in the history is predicted to", inputs)
+                                  "hold: no candidate that reached the target in the history is predicted to reach it",
+                                  inputs)
         best = min(feasible, key=lambda s: feasible[s]["energy_to_target_j"])
         if self.incumbent is None or self.incumbent not in feasible:
             self.incumbent = best

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from basestation.energy.empirical import Curve, save_curves
+from basestation.energy.store_history import energy_per_round
 from basestation.sweep.grid import Grid
 from basestation.testbed.settings import TestbedSettings
 
@@ -157,13 +158,7 @@ def _run_one(key: str, settings: TestbedSettings, console: Console) -> dict[str,
     result = run_testbed(settings, console)
     run = load_run(result.run_dir, experiment=settings.experiment)
     rounds = run.sorted_rounds()
-    per_round: dict[int, dict[str, float]] = {r.round: {"energy": 0.0, "train": 0.0, "uplink": 0.0} for r in rounds}
-    for e in run.energy:
-        slot = per_round.setdefault(e.round, {"energy": 0.0, "train": 0.0, "uplink": 0.0})
-        slot["energy"] += e.joules
-        if e.phase in ("train", "uplink"):
-            slot[e.phase] += e.joules_above_idle
-    order = [r.round for r in rounds]
+    energy, train, uplink = energy_per_round(run.energy, [r.round for r in rounds])
     s = result.summary
     iterations = [d.get("local_iters") for d in run.decisions]
     return {"key": key, "kind": "fixed" if settings.policy == "fixed" and key.startswith("fixed-") else "policy",
@@ -173,8 +168,8 @@ def _run_one(key: str, settings: TestbedSettings, console: Console) -> dict[str,
             "I": settings.iterations if settings.policy == "fixed" else (iterations[-1] if iterations else None),
             "seed": settings.seed, "energy_to_target_j": s["energy_to_target_j"],
             "rounds_to_target": s["target_round"], "accuracy": [r.accuracy for r in rounds],
-            "energy_j": [per_round[k]["energy"] for k in order], "train_j": [per_round[k]["train"] for k in order],
-            "uplink_j": [per_round[k]["uplink"] for k in order], "bits": s["bits"], "iterations": iterations,
+            "energy_j": list(energy), "train_j": list(train), "uplink_j": list(uplink), "bits": s["bits"],
+            "iterations": iterations,
             "explored": sum(bool(d.get("explore")) for d in run.decisions),
             "reasons": [d.get("reason") for d in run.decisions],
             "energy_by_phase_j": s["energy_by_phase_j"], "energy_above_idle_j": s["energy_above_idle_j"],
