@@ -41,9 +41,9 @@ def _mismatch(config: Mapping[str, Any], like: Mapping[str, Any]) -> str | None:
     for key in SAME_TRAINING:
         if training.get(key) != wanted.get(key):
             return f"training {key} {training.get(key)!r}, not {wanted.get(key)!r}"
-    per_round = (config.get("round") or {}).get("devices_per_round")
-    if per_round != (like.get("round") or {}).get("devices_per_round"):
-        return f"devices_per_round {per_round!r}, not {(like.get('round') or {}).get('devices_per_round')!r}"
+    per_round, wanted_per_round = ((c.get("round") or {}).get("devices_per_round") for c in (config, like))
+    if per_round != wanted_per_round:
+        return f"devices_per_round {per_round!r}, not {wanted_per_round!r}"
     return None
 
 
@@ -128,11 +128,8 @@ def resolve_history(history: str | Path, *, own_store: Any, like: Mapping[str, A
     if str(history) == OWN_STORE:
         return curves_from_store(own_store, like=like, exclude={experiment})
     if is_store_file(history):
-        other = Store(history, readonly=True)
-        try:
+        with Store(history, readonly=True) as other:
             return curves_from_store(other, like=like, exclude={experiment})
-        finally:
-            other.close()
     try:
         return load_curves(history), {}
     except CurveError as exc:
