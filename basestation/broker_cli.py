@@ -16,12 +16,16 @@ import signal
 import sys
 import threading
 
+from edge.cli import HelpFormatter
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``run`` and ``provision`` actions."""
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     run_parser = actions.add_parser("run", help="run Mosquitto with a generated config until stopped",
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    description="Write a Mosquitto config, password file and ACL into --dir "
+                                                "and run the broker in the foreground until SIGTERM/SIGINT.",
+                                    formatter_class=HelpFormatter)
     run_parser.add_argument("--dir", required=True, help="directory for config, passwd, acl, persistence and log")
     run_parser.add_argument("--credentials", default=None,
                             help="credentials.json from provisioning (logins and ACL); without it: anonymous")
@@ -35,7 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from firmware_tools import provision
 
     prov = actions.add_parser("provision", help="make device keys, logins, device.toml bundles, passwd and ACL",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description="Make each device's keys and broker login, its device.toml bundle, "
+                                          "and the broker's password file and ACL.",
+                              formatter_class=HelpFormatter)
     provision.configure(prov)
 
 

@@ -13,12 +13,16 @@ import signal
 import sqlite3
 import sys
 
+from edge.cli import HelpFormatter
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``serve`` action and its options."""
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     serve = actions.add_parser("serve", help="run (or resume) the experiment of a basestation.toml",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               description="Run (or resume) the experiment of a basestation.toml: wait for "
+                                           "devices, run rounds over MQTT, store everything in SQLite.",
+                               formatter_class=HelpFormatter)
     serve.add_argument("--config", required=True, help="the experiment's basestation.toml")
     serve.add_argument("--rounds", type=int, default=None,
                        help="stop after this many aggregated rounds (overrides 'rounds' in the config; 0 = no limit)")

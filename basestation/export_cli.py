@@ -84,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
         store_path, experiment = locate_run(args.run, args.experiment)
     else:
         store_path, experiment = args.store, args.experiment
-    if args.fake_quant and args.format != "tflite":
-        raise CommandError("--fake-quant is for --format tflite; an ONNX file with the engine's int8 grids is --qdq")
+    _check_options(args)
     model = load_global_model(store_path, experiment, round_=args.round, bits=args.bits)
+    if args.qdq and not is_integer_precision(model.bits):
+        raise CommandError(f"--qdq needs a model at n <= 8 bits; this one is at {model.bits} bits (drop --qdq)")
     if args.fake_quant and not is_integer_precision(model.bits):
         raise CommandError(f"--fake-quant needs a model at n <= 8 bits; this one is at {model.bits} bits, and its "
                            "tflite file is float32 on that grid already (drop --fake-quant)")
@@ -112,6 +113,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"experiment {model.experiment!r}, global model of round {model.round} ({model.architecture}, {grid}, {kind}, "
           f"hash {model.model_hash[:12]}): wrote {path} ({path.stat().st_size} bytes)")
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse option combinations that would be ignored or write a file under a misleading name."""
+    if args.fake_quant and args.format != "tflite":
+        raise CommandError("--fake-quant is for --format tflite; an ONNX file with the engine's int8 grids is --qdq")
+    if args.qdq and args.format != "onnx":
+        raise CommandError("--qdq is for --format onnx; the int8 TFLite file has the engine's grids already")
+    if args.calibration is not None and args.format == "onnx" and not args.qdq:
+        raise CommandError("--calibration fixes activation grids, which only --format tflite and --qdq have")
+    if not args.out.name:
+        raise CommandError("--out needs a file name")
+    suffix = args.out.suffix.lower()
+    if suffix in (".onnx", ".tflite") and suffix != f".{args.format}":
+        raise CommandError(f"--out {args.out} names a {suffix[1:]} file but --format is {args.format}; "
+                           f"'qfl edge infer' picks the runtime by the extension")
 
 
 def _export_tflite(model: GlobalModel, calibration: Path | None, out: Path, metadata: dict[str, str],
@@ -171,6 +188,9 @@ def _calibration_inputs(model: GlobalModel, calibration: Path | None) -> np.ndar
         raise CommandError(f"{calibration} is not an .npz file ({exc})") from None
     if x.dtype.kind not in "fiu" or x.ndim < 2 or len(x) == 0:
         raise CommandError(f"{calibration}: x must be a non-empty numeric batch, got {x.dtype} {x.shape}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise CommandError(f"{calibration}: x holds {int(np.size(x) - np.isfinite(x).sum())} values that are "
+                           "NaN or infinite")
     return x.astype(np.float32)
 
 

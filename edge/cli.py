@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help), or name -> {action: (module, one-line help)} for a command whose
@@ -50,6 +51,32 @@ class CommandError(Exception):
     """An error a command reports to the user as one line, exit status 2."""
 
 
+def seed(text: str) -> int:
+    """An argparse type for a random seed: an integer 0..2**32 - 1, as numpy's generators take."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed must be 0..{2**32 - 1}, got {value}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless its help already speaks of one or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, "", argparse.SUPPRESS) or action.required:
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _description(module_doc: str | None, summary: str) -> str:
+    """The first line of a command module's docstring, without its reStructuredText literal quotes."""
+    return (module_doc or summary).strip().splitlines()[0].replace("``", "'")
+
+
 def _summary(name: str) -> str:
     entry = COMMANDS[name]
     return GROUP_HELP[name] if isinstance(entry, dict) else entry[1]
@@ -58,7 +85,7 @@ def _summary(name: str) -> str:
 def _listing_parser(prog: str, description: str, entries: dict[str, str], hint: str) -> argparse.ArgumentParser:
     lines = [f"  {name:<12} {summary}" for name, summary in entries.items()]
     return argparse.ArgumentParser(
-        prog=prog, description=description,
+        prog=prog, description=description, usage=f"{prog} [-h] {'COMMAND' if prog == 'qfl' else 'ACTION'} ...",
         epilog="commands:\n" + "\n".join(lines) + f"\n\n{hint}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -96,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         entry, prog, rest = entry[action], f"{prog} {action}", rest[1:]
     module_name, summary = entry
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or summary).strip().splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=_description(module.__doc__, summary),
+                                     formatter_class=HelpFormatter)
     module.configure(parser)
     args = parser.parse_args(rest)
     try:
@@ -108,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`qfl ... --json | head`): nothing left to say, and Python
+        # would print another error when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        # A path the user gave that cannot be used (a file where a folder belongs, a folder where a
+        # file belongs, no permission): the system's own words and the path, on one line.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
 
 
 def _version() -> str:

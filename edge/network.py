@@ -203,8 +203,9 @@ class Network:
             if x.ndim >= 2 and int(np.prod(x.shape[1:])) == sample:
                 x = x.reshape(len(x), *shape)
             else:
-                raise ValueError(f"model {self.arch.name!r} expects inputs of shape (N, {', '.join(map(str, shape))}) "
-                                 f"or (N, {sample}), got {x.shape}")
+                flat = "" if len(shape) == 1 else f" or (N, {sample})"
+                raise ValueError(f"model {self.arch.name!r} expects inputs of shape (N, {', '.join(map(str, shape))})"
+                                 f"{flat}, got {x.shape}")
         if x.ndim == 0:
             raise ValueError(f"model {self.arch.name!r} expects a batch of inputs, got a scalar")
         if x.dtype.kind not in "fiub":

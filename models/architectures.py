@@ -7,6 +7,7 @@ are channel-first without the batch axis: ``(features,)`` or ``(C, H, W)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -68,6 +69,16 @@ class Architecture:
         """Number of outputs of the last Dense layer."""
         dense = [layer for layer in self.layers if isinstance(layer, Dense)]
         return dense[-1].units
+
+    def mismatch(self, dataset: str, input_shape: tuple[int, ...], classes: int) -> str | None:
+        """Why this network cannot train on ``dataset`` (its sample shape and class count), or None if it can."""
+        if math.prod(input_shape) != math.prod(self.input_shape):
+            return (f"model {self.name!r} takes inputs of shape {self.input_shape}, but dataset {dataset!r} has "
+                    f"{tuple(input_shape)}; pick a model for this dataset (e.g. mlp or cnn for digits, mlp-mnist or "
+                    "cnn-mnist for MNIST)")
+        if classes > self.classes:
+            return f"dataset {dataset!r} has {classes} classes, model {self.name!r} only {self.classes}"
+        return None
 
     def shapes(self) -> list[tuple[int, ...]]:
         """Output shape of every layer, in order (input shape excluded)."""

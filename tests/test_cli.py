@@ -63,3 +63,43 @@ def test_dispatch_imports_only_the_command_it_runs() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == []
+
+
+def test_help_shows_each_default_once_and_no_empty_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["testbed", "--help"], ["export", "--help"], ["solve", "--help"], ["basestation", "serve", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in out and "(default: False)" not in out and "(default: )" not in out, argv
+        assert "``" not in out, argv
+    with pytest.raises(SystemExit):
+        main(["testbed", "--help"])
+    assert "--rounds ROUNDS federated rounds to run (default: 10)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--seed", "-1"], "argument --seed: a seed must be 0..4294967295, got -1"),
+    (["solve", "--seed", "x"], "argument --seed: expected an integer, got 'x'"),
+])
+def test_a_bad_seed_names_the_option(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_path_that_cannot_be_used_is_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("a file where a folder belongs\n")
+    assert main(["broker", "run", "--dir", str(not_a_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"qfl broker: error: File exists: {not_a_folder}\n"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    # `qfl solve --json | head -c0`: stdout's reader has gone before anything is written.
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "solve", "--json", "--draws", "100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err

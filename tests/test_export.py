@@ -259,6 +259,27 @@ def test_qfl_export_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.Cap
     assert not Path(out).exists() and not (tmp_path / "nope.sqlite").exists()
 
 
+def test_qfl_export_refuses_options_it_would_ignore(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "base.sqlite"
+    make_store(store, "a", "mlp", [(8, "aggregated")])
+    calibration = tmp_path / "c.npz"
+    np.savez(calibration, x=np.zeros((2, 64), np.float32))
+    cases = [
+        (["--out", str(tmp_path / "m.tflite")], "names a tflite file but --format is onnx"),
+        (["--format", "tflite", "--out", str(tmp_path / "m.onnx")], "names a onnx file but --format is tflite"),
+        (["--format", "tflite", "--qdq", "--out", str(tmp_path / "m.tflite")], "--qdq is for --format onnx"),
+        (["--calibration", str(calibration), "--out", str(tmp_path / "m.onnx")],
+         "only --format tflite and --qdq have"),
+        (["--bits", "16", "--qdq", "--out", str(tmp_path / "m.onnx")], "--qdq needs a model at n <= 8 bits"),
+        (["--out", ""], "--out needs a file name"),
+    ]
+    for args, message in cases:
+        assert main(["export", "--store", str(store), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("qfl export: error: ") and message in err, (args, err)
+    assert not [p.name for p in tmp_path.iterdir() if p.suffix in (".onnx", ".tflite")]
+
+
 def test_qfl_export_console_script(tmp_path: Path) -> None:
     store = tmp_path / "base.sqlite"
     make_store(store, "exp", "mlp", [(8, "aggregated")])
@@ -346,7 +367,10 @@ def test_qfl_export_tflite_bad_calibration_is_one_line(tmp_path: Path, capsys: p
     make_store(store, "exp", "mlp", [(8, "aggregated")])
     bad = tmp_path / "bad.npz"
     np.savez(bad, y=np.zeros(3))
-    for calibration, message in ((bad, "has no array 'x'"), (tmp_path / "none.npz", "no calibration file")):
+    not_finite = tmp_path / "nan.npz"
+    np.savez(not_finite, x=np.array([[np.nan] * 64, [np.inf] * 64, [0.5] * 64], np.float32))
+    for calibration, message in ((bad, "has no array 'x'"), (tmp_path / "none.npz", "no calibration file"),
+                                 (not_finite, "x holds 128 values that are NaN or infinite")):
         assert main(["export", "--store", str(store), "--format", "tflite", "--calibration", str(calibration),
                      "--out", str(tmp_path / "m.tflite")]) == 2
         err = capsys.readouterr().err.strip()

@@ -101,6 +101,10 @@ def test_testbed_preset_from_a_calibration_file(capsys, tmp_path):
     (["--preset", "testbed", "--model", "resnet"], "unknown model 'resnet'"),
     (["--devices", "60"], "--devices must be in 1..50"),
     (["--preset", "testbed", "--calibration", "/nonexistent/cal.json"], "cannot read the calibration"),
+    (["--epsilon", "100"], "--epsilon 100 is met without any training"),
+    (["--epsilon", "100", "--tied"], "--epsilon 100 is met without any training"),
+    (["--preset", "testbed", "--draws", "5"], "--draws applies to --preset kim2022 only"),
+    (["--plot", "curve.txt"], "--plot curve.txt: the file name must end in one of"),
 ])
 def test_bad_input_is_a_clear_error(capsys, args, message):
     status, _, err = solve(capsys, *args)

@@ -24,6 +24,10 @@ from edge.cli import main as qfl
     (["--meters", "both"], "--meters must be one of fleet, process"),
     (["--momentum", "1"], "--momentum must be in [0, 0.999], got 1.0"),
     (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--model", "cnn-mnist"], "model 'cnn-mnist' takes inputs of shape (1, 28, 28), but dataset 'digits' has (64,)"),
+    (["--partition", "halves"], "unknown partition 'halves'"),
+    (["--iterations", "0"], "--iterations must be 1..100000, got 0"),
+    (["--deadline", "nan"], "--deadline must be a positive number of seconds, got nan"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expected, capsys, tmp_path):
     assert qfl(["sweep", "--out", str(tmp_path / "s"), *args]) == 2

@@ -126,3 +126,29 @@ def test_training_options_reach_the_basestation_config(tmp_path: Path) -> None:
     layout = prepare_run(settings, "mqtt://127.0.0.1:1")
     training = BasestationConfig.load(layout.basestation_config).training
     assert (training.lr, training.momentum, training.iterations) == (0.3, 0.9, 7)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "cnn-mnist"], "model 'cnn-mnist' takes inputs of shape (1, 28, 28), but dataset 'digits' has (64,)"),
+    (["--partition", "halves"], "unknown partition 'halves'"),
+    (["--dataset", "cifar"], "unknown dataset 'cifar'"),
+    (["--model", "resnet"], "--model: unknown model 'resnet'"),
+    (["--iterations", "0"], "--iterations must be 1..100000, got 0"),
+    (["--deadline", "inf"], "--deadline must be a positive number of seconds, got inf"),
+])
+def test_bad_input_fails_before_anything_starts_or_is_written(
+        args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge.cli import main
+
+    assert main(["testbed", "--out", str(tmp_path / "runs"), "--name", "bad", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qfl testbed: error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edge.cli import main
+
+    (tmp_path / "runs").write_text("")
+    assert main(["testbed", "--out", str(tmp_path / "runs")]) == 2
+    assert "is a file; it must be a folder" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edge.cli import CommandError
+from edge.cli import CommandError, seed
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                         help="draw energy and rounds against training precision")
     kim = parser.add_argument_group("kim2022 preset")
-    kim.add_argument("--seed", type=int, default=0, help="seed of the channel average")
-    kim.add_argument("--draws", type=int, default=10_000, help="channel draws averaged")
+    kim.add_argument("--seed", type=seed, default=None, help="seed of the channel average (default 0)")
+    kim.add_argument("--draws", type=int, default=None, help="channel draws averaged (default 10000)")
     tb = parser.add_argument_group("testbed preset")
     tb.add_argument("--model", default=None, help="architecture (models.ARCHITECTURES); default mlp")
     tb.add_argument("--fleet", type=int, default=None, metavar="N", help="devices in the testbed (default 10)")
@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
             front = solver.pareto_front(grid) if args.pareto else None
     except SolveError as exc:
         raise CommandError(str(exc)) from None
+    if baseline.energy_j <= 0.0:
+        raise CommandError(f"--epsilon {args.epsilon:g} is met without any training (0 rounds at 32 bits); "
+                           "choose a smaller optimality gap")
     result: dict[str, Any] = {
         "preset": preset.name, "description": preset.description, "epsilon": args.epsilon,
         "mode": "tied" if args.tied else "joint", "n_min": problem.n_min(),
@@ -82,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
         result["pareto"] = [s.to_dict() for s in front]
         result["nash"] = solver.nash_bargaining(front).to_dict()
     if args.plot is not None:
-        from basestation.energy.plot import plot_precision
+        from basestation.energy.plot import plot_precision, plot_formats
+
+        if args.plot.suffix.lstrip(".").lower() not in plot_formats():
+            raise CommandError(f"--plot {args.plot}: the file name must end in one of "
+                               f"{', '.join('.' + f for f in sorted(plot_formats()))}")
 
         try:
             plot_precision(curve, args.plot, optimum=optimum, baseline=baseline,
@@ -100,15 +107,18 @@ def run(args: argparse.Namespace) -> int:
 def _preset(args: argparse.Namespace) -> Any:
     from basestation.energy.presets import kim2022, testbed
 
-    testbed_flags = {"--model": args.model, "--fleet": args.fleet, "--batch-size": args.batch_size,
-                     "--calibration": args.calibration}
+    only = {"kim2022": {"--seed": args.seed, "--draws": args.draws},
+            "testbed": {"--model": args.model, "--fleet": args.fleet, "--batch-size": args.batch_size,
+                        "--calibration": args.calibration}}
+    other = "testbed" if args.preset == "kim2022" else "kim2022"
+    given = [flag for flag, value in only[other].items() if value is not None]
+    if given:
+        raise CommandError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --preset {other} only")
     if args.preset == "kim2022":
-        given = [flag for flag, value in testbed_flags.items() if value is not None]
-        if given:
-            raise CommandError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --preset testbed only")
-        if args.draws < 1:
-            raise CommandError(f"--draws must be at least 1, got {args.draws}")
-        return kim2022(seed=args.seed, draws=args.draws)
+        draws = 10_000 if args.draws is None else args.draws
+        if draws < 1:
+            raise CommandError(f"--draws must be at least 1, got {draws}")
+        return kim2022(seed=args.seed or 0, draws=draws)
     calibration = _load_calibration(args.calibration) if args.calibration is not None else None
     if args.fleet is not None and args.fleet < 1:
         raise CommandError(f"--fleet must be at least 1, got {args.fleet}")

@@ -12,6 +12,13 @@ from typing import Sequence
 from basestation.energy.problem import Setting
 
 
+def plot_formats() -> set[str]:
+    """File extensions (without the dot) matplotlib can write a figure as."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
 def plot_precision(curve: Sequence[Setting], path: str | Path, *, optimum: Setting, baseline: Setting,
                    title: str) -> None:
     """Write a two-panel PNG: energy (log scale) and rounds of ``curve`` against n, optimum and baseline marked.

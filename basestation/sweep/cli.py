@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from basestation.testbed.settings import BOARDS, TestbedSettings
+from edge.cli import seed
 
 _D = TestbedSettings()
 
@@ -50,7 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--momentum", type=float, default=_D.momentum,
         help="local SGD momentum, 0 to 0.999; each round starts from zero velocity (0: plain SGD)")
     add("--deadline", type=float, default=_D.deadline_seconds, help="seconds a round waits for updates")
-    add("--seed", type=int, default=_D.seed, help="first seed")
+    add("--seed", type=seed, default=_D.seed, help="first seed")
     add("--target-accuracy", type=float, default=_D.target_accuracy, help="accuracy the energy is measured to")
     add("--out", type=Path, default=Path("sweeps/sweep"), help="folder of the sweep (resumed if it exists)")
     add("--json", action="store_true", help="print the result object to stdout (progress goes to stderr)")
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from basestation.sweep.grid import Grid, GridError, parse_bits, parse_iterations, parse_policies
+    from basestation.testbed.prepare import load_and_split
     from basestation.testbed.settings import SettingsError
     from edge.cli import CommandError
 
@@ -77,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
                                board=args.board, iterations=args.iterations, lr=args.lr, momentum=args.momentum,
                                deadline_seconds=args.deadline, seed=args.seed, target_accuracy=args.target_accuracy,
                                link=args.link, meters=args.meters, name="sweep").checked()
-    except (GridError, SettingsError) as exc:
+        if args.out.exists() and not args.out.is_dir():
+            raise GridError(f"--out {args.out} is a file; it must be the sweep's folder (created if missing)")
+        load_and_split(base)
+    except (GridError, SettingsError, ValueError) as exc:
         raise CommandError(str(exc)) from None
 
     from firmware_tools.broker_auth import MosquittoMissing

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from basestation.testbed.settings import BOARDS, POLICIES, TestbedSettings
+from edge.cli import seed
 
 _DEFAULTS = TestbedSettings()
 
@@ -45,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--momentum", type=float, default=_DEFAULTS.momentum,
         help="local SGD momentum, 0 to 0.999; each round starts from zero velocity (0: plain SGD)")
     add("--deadline", type=float, default=_DEFAULTS.deadline_seconds, help="seconds a round waits for updates")
-    add("--seed", type=int, default=_DEFAULTS.seed, help="seed of data split, training and meter noise")
+    add("--seed", type=seed, default=_DEFAULTS.seed, help="seed of data split, training and meter noise")
     add("--target-accuracy", type=float, default=_DEFAULTS.target_accuracy,
         help="accuracy at which the report measures the energy spent")
     add("--out", type=Path, default=_DEFAULTS.out, help="folder that receives the run directory")

@@ -17,8 +17,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from basestation.testbed.settings import TestbedSettings
-from edge.data import load_dataset, partition, save_shard
+from edge.data import Dataset, load_dataset, partition, save_shard
+from models import get_architecture
 from firmware_tools.provision import provision, toml_text
 
 METER_LINK = "meter.tty"
@@ -46,18 +49,30 @@ class RunLayout:
         return self.devices[device] / METER_LINK
 
 
+def load_and_split(settings: TestbedSettings) -> tuple[Dataset, list[np.ndarray]]:
+    """The run's dataset and its per-device split; ValueError naming the problem if the model cannot train on it."""
+    try:
+        dataset = load_dataset(settings.dataset, seed=settings.seed)
+    except OSError as exc:
+        raise ValueError(f"cannot load dataset {settings.dataset!r}: {exc}") from None
+    reason = get_architecture(settings.model).mismatch(dataset.name, dataset.input_shape, dataset.classes)
+    if reason:
+        raise ValueError(reason)
+    return dataset, partition(dataset.y_train, settings.devices, settings.partition, seed=settings.seed)
+
+
 def prepare_run(settings: TestbedSettings, broker_url: str) -> RunLayout:
     """Write everything a run needs before any process starts; returns its layout."""
     root = settings.run_dir
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"run directory {root} exists and is not empty; choose another --name or --out")
-    dataset = load_dataset(settings.dataset, seed=settings.seed)  # a missing dataset fails before anything is written
+    dataset, parts = load_and_split(settings)  # bad data, model or partition fails before anything is written
     root.mkdir(parents=True, exist_ok=True)
     config = root / "config.json"
     config.write_text(json.dumps(settings.to_json(), indent=2) + "\n")
 
     shards = root / "shards"
-    for index, part in enumerate(partition(dataset.y_train, settings.devices, settings.partition, seed=settings.seed)):
+    for index, part in enumerate(parts):
         save_shard(shards / f"device-{index:03d}.npz", dataset.x_train[part], dataset.y_train[part])
 
     result = provision(root / "provision", experiment=settings.experiment, devices=settings.devices,

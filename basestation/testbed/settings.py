@@ -78,6 +78,19 @@ class TestbedSettings:
         for flag, value in (("--bits", self.bits), ("--uplink-bits", self.uplink_bits)):
             if not 1 <= value <= 32:
                 raise SettingsError(f"{flag} must be 1..32, got {value}")
+        if not 1 <= self.iterations <= 100_000:
+            raise SettingsError(f"--iterations must be 1..100000, got {self.iterations}")
+        if not (math.isfinite(self.deadline_seconds) and self.deadline_seconds > 0.0):
+            raise SettingsError(f"--deadline must be a positive number of seconds, got {self.deadline_seconds}")
+        if not 0 <= self.seed < 2**32:
+            raise SettingsError(f"--seed must be 0..{2**32 - 1}, got {self.seed}")
+        from models import get_architecture
+        try:
+            get_architecture(self.model)
+        except ValueError as exc:
+            raise SettingsError(f"--model: {exc}") from None
+        if self.out.exists() and not self.out.is_dir():
+            raise SettingsError(f"--out {self.out} is a file; it must be a folder (created if missing)")
         if not (math.isfinite(self.lr) and self.lr > 0.0):
             raise SettingsError(f"--lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.momentum <= MAX_MOMENTUM:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from edge.cli import seed
+
 DEFAULT_LR = 0.03  # with momentum 0.9 (an effective step of 0.3), the same for every n (docs/fixed-point.md)
 DEFAULT_MOMENTUM = 0.9
 
@@ -26,8 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("int", "master"), default="int",
                         help="int: n-bit integer weights only; master: float master copy, straight-through")
     parser.add_argument("--epochs", type=int, default=20, help="passes over the training set")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and rounding")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the train/test split")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the initial weights, batches and rounding")
+    parser.add_argument("--data-seed", type=seed, default=0, help="seed of the train/test split")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="SGD learning rate")
     parser.add_argument("--lr-schedule", choices=("step", "cosine", "constant"), default="step",  # edge.trainer.LR_SCHEDULES
                         help="learning rate over the epochs: step drops it to a tenth for the last quarter "
@@ -71,12 +73,9 @@ def run(args: argparse.Namespace) -> int:
         ds = load_dataset(args.dataset, seed=args.data_seed)
     except (ValueError, OSError) as exc:
         raise CommandError(f"cannot load dataset {args.dataset!r}: {exc}") from None
-    if math.prod(ds.input_shape) != math.prod(arch.input_shape):
-        raise CommandError(f"model {arch.name!r} takes inputs of shape {arch.input_shape}, but dataset {ds.name!r} "
-                           f"has {ds.input_shape}; pick a model for this dataset (e.g. mlp or cnn for digits, "
-                           "mlp-mnist or cnn-mnist for MNIST)")
-    if ds.classes > arch.classes:
-        raise CommandError(f"dataset {ds.name!r} has {ds.classes} classes, model {arch.name!r} only {arch.classes}")
+    reason = arch.mismatch(ds.name, ds.input_shape, ds.classes)
+    if reason:
+        raise CommandError(reason)
 
     net = Network(arch, bits=args.bits, mode=args.mode, seed=args.seed, error_rounding=args.error_rounding)
     trainer = LocalTrainer(lr=args.lr, momentum=args.momentum, batch_size=args.batch_size, seed=args.seed)
