@@ -72,6 +72,11 @@ def _run_broker(args: argparse.Namespace, error: type[Exception]) -> int:
         accounts, experiment = creds.accounts(), creds.experiment
     elif args.bind not in ("127.0.0.1", "localhost", "::1"):
         raise error(f"refusing an anonymous broker on {args.bind}: give --credentials (see 'qfl broker provision')")
+    if args.autosave < 1:
+        raise error(f"--autosave must be at least 1 second, got {args.autosave}")
+    if args.require_certificate and not (args.tls_cert and args.tls_ca):
+        raise error("--require-certificate needs TLS with a CA to check clients against: give --tls-cert, "
+                    "--tls-key and --tls-ca")
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):

@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.config:
+        raise CommandError("--config needs the path of a basestation.toml")
     if args.rounds is not None and args.rounds < 0:
         raise CommandError(f"--rounds must be 0 or more, got {args.rounds}")
     try:

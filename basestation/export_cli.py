@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     grid = "float32 weights as stored" if model.bits == 32 else f"weights on the {model.bits}-bit grid"
-    print(f"experiment {model.experiment!r}, global model of round {model.round} ({model.architecture}, {grid}, {kind}, "
+    which = "the initial global model" if model.round <= 1 else \
+        f"the global model after round {model.round - 1} (the one round {model.round} starts from)"
+    print(f"experiment {model.experiment!r}, {which} ({model.architecture}, {grid}, {kind}, "
           f"hash {model.model_hash[:12]}): wrote {path} ({path.stat().st_size} bytes)")
     return 0
 

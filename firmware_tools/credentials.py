@@ -114,7 +114,7 @@ class Credentials:
             doc = json.loads(path.read_text())
         except FileNotFoundError:
             raise CredentialsError(f"credentials file not found: {path}; create it with "
-                                   "'python -m firmware_tools.provision'") from None
+                                   "'qfl broker provision'") from None
         except (OSError, json.JSONDecodeError) as exc:
             raise CredentialsError(f"cannot read credentials file {path}: {exc}") from None
         return cls.from_json(doc, source=str(path))

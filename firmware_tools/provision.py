@@ -175,7 +175,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                             "mqtts://host:port")
     parser.add_argument("--protocol", default="5", choices=["5", "3.1.1"], help="MQTT version for the devices")
     parser.add_argument("--ca-file", default=None, help="CA certificate the devices use to check an mqtts:// broker")
-    parser.add_argument("--board", default="pi4", help="board name written to each device.toml")
+    from firmware_tools.emulator.boards import load_boards
+
+    parser.add_argument("--board", default="pi4", choices=sorted(load_boards()),
+                        help="board profile written to each device.toml (docs/boards.md)")
     parser.add_argument("--meter-port", default=None, help="meter serial port on the devices (e.g. /dev/ttyACM0)")
     parser.add_argument("--shards", default=None, help="directory of <device id>.npz shards to copy into the bundles")
     parser.add_argument("--seed", type=int, default=0, help="seed written to the configs")

@@ -103,3 +103,21 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--autosave", "0"], "--autosave must be at least 1 second, got 0"),
+    (["--require-certificate"], "--require-certificate needs TLS with a CA"),
+])
+def test_broker_options_that_cannot_work_are_refused(argv: list[str], message: str, tmp_path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["broker", "run", "--dir", str(tmp_path / "broker"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "broker").exists()
+
+
+def test_provisioning_names_only_boards_with_a_profile(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["broker", "provision", "--experiment", "e", "--devices", "1", "--broker-url", "mqtt://127.0.0.1:1883",
+              "--out", str(tmp_path / "p"), "--board", "pi3"])
+    assert exc.value.code == 2 and "choose from 'pi-zero-2w', 'pi4', 'pi5'" in capsys.readouterr().err

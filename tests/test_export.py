@@ -201,7 +201,7 @@ def test_qfl_export_of_a_run_directory(tmp_path: Path, capsys: pytest.CaptureFix
 
     assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "global model of round 3" in printed and "8-bit grid" in printed and str(out) in printed
+    assert "global model after round 2 (the one round 3 starts from)" in printed and "8-bit grid" in printed and str(out) in printed
     # Round 3 starts from round 1's aggregate (round 2 was abandoned): on round 1's 8-bit grid.
     expected = on_grid("cnn", models[3], 8)
     assert not np.array_equal(expected["0.weight"], models[3]["0.weight"])
@@ -287,7 +287,7 @@ def test_qfl_export_console_script(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "edge.cli", "export", "--store", str(store), "--out", str(out)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "global model of round 2" in done.stdout
+    assert "global model after round 1 (the one round 2 starts from)" in done.stdout
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
 
 

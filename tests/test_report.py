@@ -243,6 +243,15 @@ def test_html_escapes_text_from_the_run(tmp_path: Path) -> None:
     assert (tmp_path / "figures" / "b-onclick-x-evil-b-accuracy.png").exists()
 
 
+def test_config_values_read_as_the_config_file_spells_them(tmp_path: Path) -> None:
+    run = run_with("cfg", [0.5, 0.9], 2.0)
+    config = {"testbed": {"per_round": None, "stop_at_target": False, "history": None, "lr": 0.2}}
+    run = RunData(run.name, run.path, config, run.rounds, run.energy, [], None)
+    page = write_report([run], tmp_path).html.read_text(encoding="utf-8")
+    assert '<th>testbed.stop_at_target</th><td class="text">false</td>' in page
+    assert ">None<" not in page and ">False<" not in page
+
+
 # ---- robustness ----
 
 def test_run_with_zero_rounds_says_so(tmp_path: Path) -> None:
@@ -642,7 +651,7 @@ def test_qfl_report_compares_runs_into_out(tmp_path: Path, capsys: pytest.Captur
     (["{missing}"], "is not a directory"),
     (["{empty}"], "holds no basestation store"),
     (["{run}", "{run}"], "needs --out DIR"),
-    (["{run}", "--target-accuracy", "1.5"], "--target-accuracy must be in [0, 1], got 1.5"),
+    (["{run}", "--target-accuracy", "1.5"], "--target-accuracy must be in (0, 1], got 1.5"),
     (["{run}", "--baseline", "nope"], "baseline run 'nope' is not among the runs: mlp-int"),
 ])
 def test_qfl_report_errors_are_one_clear_line(run_dir, tmp_path: Path, capsys: pytest.CaptureFixture,

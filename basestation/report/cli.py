@@ -29,13 +29,13 @@ def run(args: argparse.Namespace) -> int:
     from basestation.report import metrics
     from basestation.report.data import ReportError
     from basestation.report.load import load_run
-    from basestation.report.tables import format_joules
+    from basestation.report.tables import count_of, format_joules
     from basestation.report.writer import unique_names, write_report
 
     if args.out is None and len(args.runs) > 1:
         raise CommandError(f"a report of {len(args.runs)} runs needs --out DIR (where to write it)")
-    if not 0.0 <= args.target_accuracy <= 1.0:
-        raise CommandError(f"--target-accuracy must be in [0, 1], got {args.target_accuracy}")
+    if not 0.0 < args.target_accuracy <= 1.0:
+        raise CommandError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
     try:
         runs = [load_run(path) for path in args.runs]
         names = unique_names([r.name for r in runs])
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                    f"{format_joules(row.target.joules)}" if row.target.reached
                    else f"accuracy {args.target_accuracy:g} not reached")
         final = f"{row.final_accuracy:.4f}" if row.final_accuracy is not None else "-"
-        print(f"run {row.name}: {row.rounds} rounds, final accuracy {final}, "
+        print(f"run {row.name}: {count_of(row.rounds, 'round')}, final accuracy {final}, "
               f"{format_joules(row.total_j)} measured, {reached}")
     print(f"report: {files.html} ({len(files.figures)} figures, {len(files.csv)} CSV files)")
     return 0

@@ -116,8 +116,17 @@ def _flatten(config: dict, prefix: str = "") -> list[tuple[str, str]]:
         if isinstance(value, dict):
             rows += _flatten(value, name + ".")
         else:
-            rows.append((name, str(value)))
+            rows.append((name, _config_value(value)))
     return rows
+
+
+def _config_value(value: object) -> str:
+    """A config value as its file would spell it: booleans lower case, an unset one as a dash."""
+    if value is None:
+        return "\u2013"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def render_section(section: RunSection) -> str:

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from basestation.report.tables import count_of
+
 
 def heatmap_png(result: Mapping[str, Any], iterations: int) -> bytes:
     """PNG of the mean energy to target (J) over n (rows) and m (columns) at local iterations ``iterations``."""
@@ -43,7 +45,7 @@ def heatmap_png(result: Mapping[str, Any], iterations: int) -> bytes:
                 color="black" if light else "white")
     s = result["scenario"]
     ax.set_title(f"energy to {result['target_accuracy']:.2f} (J), I={iterations}\n{s['model']}, {s['board']}, "
-                 f"{s['link']}, mean of {_count(s['seeds'], 'seed')}", fontsize=9)
+                 f"{s['link']}, mean of {count_of(s['seeds'], 'seed')}", fontsize=9)
     if not np.isnan(values).all():  # a scale for no values would only show matplotlib's default range
         fig.colorbar(image, ax=ax, label="J")
     fig.tight_layout()
@@ -55,10 +57,6 @@ def heatmap_png(result: Mapping[str, Any], iterations: int) -> bytes:
 
 def _values(values: Any) -> str:
     return ", ".join(str(v) for v in values)
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _means(result: Mapping[str, Any], iterations: int) -> dict[tuple[int, int], float | None]:
@@ -88,7 +86,7 @@ def write_sweep_report(result: Mapping[str, Any], out: Path) -> Path:
     parts.append(f"<p>{html.escape(s['model'])} on {html.escape(s['board'])} over {html.escape(s['link'])}, "
                  f"{s['devices']} devices, grid n = {_values(s['grid']['bits'])}, m = "
                  f"{_values(s['grid']['uplink_bits'])}, I = {_values(s['grid']['iterations'])}, "
-                 f"{_count(s['seeds'], 'seed')}, at most {s['max_rounds']} rounds.</p>")
+                 f"{count_of(s['seeds'], 'seed')}, at most {s['max_rounds']} rounds.</p>")
     best = result.get("hindsight_best")
     parts.append("<p>Hindsight best: " + ("none reached the target on every seed" if best is None else
                  f"n={best['n']}, m={best['m']}, I={best['I']}: {best['energy_to_target_j']:.2f} J") + "</p>")

@@ -218,6 +218,11 @@ def format_value(value, kind: str) -> str:
     return str(value)
 
 
+def count_of(number: int, noun: str) -> str:
+    """``3, "round"`` -> ``"3 rounds"``; ``1, "round"`` -> ``"1 round"``."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def format_joules(value: float) -> str:
     """Energy with a readable unit: ``1234.5`` -> ``"1.234 kJ"``, ``0.0021`` -> ``"2.1 mJ"``."""
     if not finite(value):

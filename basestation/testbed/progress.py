@@ -55,7 +55,7 @@ def read_progress(store: Path, experiment: str) -> list[RoundProgress]:
 def progress_table(rows: list[RoundProgress], *, title: str, devices_online: int | None = None) -> Table:
     """The rich table shown while a run goes on."""
     total = sum(r.energy_j for r in rows)
-    caption = f"energy so far {total:.1f} J"
+    caption = f"energy so far {total:.3g} J"
     if devices_online is not None:
         caption += f" · {devices_online} edge processes running"
     table = Table(title=title, caption=caption)
@@ -65,7 +65,7 @@ def progress_table(rows: list[RoundProgress], *, title: str, devices_online: int
     for r in rows[-15:]:
         accuracy = "" if r.accuracy is None else f"{r.accuracy:.3f}"
         table.add_row(str(r.round), r.status, f"{r.answered}/{r.selected}", f"{r.n}/{r.m}", accuracy,
-                      f"{r.energy_j:.1f}")
+                      f"{r.energy_j:.3g}")
     return table
 
 
@@ -73,7 +73,7 @@ def round_line(r: RoundProgress, total_j: float) -> str:
     """One plain line for a finished round (non-terminal output)."""
     accuracy = "-" if r.accuracy is None else f"{r.accuracy:.3f}"
     return (f"round {r.round:>3}: {r.status:<9} answered {r.answered}/{r.selected}  n={r.n} m={r.m}  "
-            f"accuracy {accuracy}  energy {r.energy_j:.1f} J (total {total_j:.1f} J)")
+            f"accuracy {accuracy}  energy {r.energy_j:.3g} J (total {total_j:.3g} J)")
 
 
 class Progress:

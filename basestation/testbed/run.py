@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 
 from basestation.broker import Broker, BrokerError, free_port
+from basestation.report.tables import count_of
 from firmware_tools.credentials import Credentials
 from basestation.testbed.prepare import RunLayout, prepare_run
 from basestation.testbed.processes import Child, Supervisor, wait_for
@@ -66,7 +67,7 @@ def run_testbed(settings: TestbedSettings, console: Console) -> RunResult:
         with Supervisor() as children:
             broker, layout = _start_broker(settings)
             console.print(f"[bold]qfl testbed[/] run [cyan]{settings.name}[/] in {layout.root}: "
-                          f"{settings.devices} devices, {settings.rounds} rounds, policy {settings.policy}, "
+                          f"{count_of(settings.devices, 'device')}, {count_of(settings.rounds, 'round')}, policy {settings.policy}, "
                           f"board {settings.board}, link {settings.link}; broker {broker.url}", highlight=False)
             station = children.start("basestation", qfl_argv("basestation", "serve", "--config",
                                                              str(layout.basestation_config)),
@@ -196,7 +197,7 @@ def _finish(settings: TestbedSettings, layout: RunLayout, seconds: float, consol
     run = load_run(layout.root, experiment=settings.experiment)
     report = write_report([run], layout.root, target_accuracy=settings.target_accuracy).html
     # The model predicts the energy above idle, so that is what it is set against here.
-    console.print(f"final accuracy {summary['final_accuracy']:.3f} after {summary['rounds']} rounds; measured "
+    console.print(f"final accuracy {summary['final_accuracy']:.3f} after {count_of(summary['rounds'], 'round')}; measured "
                   f"{summary['energy_j']:.3g} J, {summary['energy_above_idle_j']:.3g} J of it above idle, where "
                   f"the model said {_joules(summary['energy_model_j'])} (calibrated "
                   f"{_joules(summary['energy_calibrated_j'])}); {seconds:.0f} s", highlight=False)

@@ -112,6 +112,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"test accuracy {accuracy:.4f} (loss {loss:.4f}) after {args.epochs} epochs: {arch.name} on {ds.name}, "
+        print(f"test accuracy {accuracy:.4f} (loss {loss:.4f}) after {args.epochs} epoch{'' if args.epochs == 1 else 's'}: {arch.name} on {ds.name}, "
               f"{args.bits} bits, {args.mode} mode, {report['params']} parameters, {seconds:.2f} s")
     return 0
