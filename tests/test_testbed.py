@@ -84,41 +84,69 @@ def test_short_run_end_to_end(tmp_path: Path) -> None:
     assert leftover_links(run_dir) == []
 
 
-def test_sigint_stops_every_process(tmp_path: Path) -> None:
-    run_dir = tmp_path / "interrupted"
-    # Far more rounds than can finish before the signal. The child gets SIGINT's default action back: a shell
-    # that starts the suite in the background without job control ignores SIGINT, every process inherits
-    # that, and Python then installs no KeyboardInterrupt handler (the run went on for thousands of rounds).
+def start_interruptible_run(tmp_path: Path, name: str) -> subprocess.Popen:
+    """A testbed of far more rounds than can finish, returned once a round has closed and children run."""
+    run_dir = tmp_path / name
+    # The child gets SIGINT's default action back: a shell that starts the suite in the background without job
+    # control ignores SIGINT, every process inherits that, and Python then installs no KeyboardInterrupt handler.
     testbed = subprocess.Popen(qfl("testbed", "--devices", "2", "--rounds", "5000", "--out", str(tmp_path),
-                                   "--name", "interrupted", "--policy", "fixed"),
+                                   "--name", name, "--policy", "fixed"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and testbed.poll() is None:
+        store = run_dir / "store.sqlite"
+        if store.exists():
+            with contextlib.suppress(sqlite3.Error):
+                with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+                    if db.execute("SELECT COUNT(*) FROM rounds WHERE status != 'open'").fetchone()[0] >= 1:
+                        break
+        time.sleep(0.2)
+    assert testbed.poll() is None, testbed.stdout.read() if testbed.stdout else ""
+    assert processes_mentioning(str(run_dir))  # the run really has children now
+    return testbed
+
+
+def kill_what_is_left(testbed: subprocess.Popen, run_dir: Path) -> None:
+    if testbed.poll() is None:
+        testbed.kill()
+        testbed.wait()
+    for pid in live_processes_mentioning(str(run_dir)):  # its children run in sessions of their own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigint_stops_every_process(tmp_path: Path) -> None:
+    run_dir = tmp_path / "interrupted"
+    testbed = start_interruptible_run(tmp_path, "interrupted")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and testbed.poll() is None:
-            store = run_dir / "store.sqlite"
-            if store.exists():
-                with contextlib.suppress(sqlite3.Error):
-                    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
-                        if db.execute("SELECT COUNT(*) FROM rounds WHERE status != 'open'").fetchone()[0] >= 1:
-                            break
-            time.sleep(0.2)
-        assert testbed.poll() is None, testbed.stdout.read() if testbed.stdout else ""
-        assert processes_mentioning(str(run_dir))  # the run really has children now
         testbed.send_signal(signal.SIGINT)
         output, _ = testbed.communicate(timeout=60)
     finally:
-        if testbed.poll() is None:
-            testbed.kill()
-            testbed.wait()
-            for pid in live_processes_mentioning(str(run_dir)):  # its children run in sessions of their own
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        kill_what_is_left(testbed, run_dir)
     assert testbed.returncode == 130, output[-2000:]
     assert "interrupted" in output
     assert processes_mentioning(str(run_dir)) == []
     assert leftover_links(run_dir) == []
     assert (run_dir / "store.sqlite").exists()  # what was stored stays
+
+
+def test_a_killed_testbed_leaves_no_process_behind(tmp_path: Path) -> None:
+    # SIGKILL gives the testbed no chance to stop its children: the orphan guard does it.
+    run_dir = tmp_path / "killed"
+    testbed = start_interruptible_run(tmp_path, "killed")
+    try:
+        testbed.kill()
+        testbed.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = processes_mentioning(str(run_dir))
+    finally:
+        kill_what_is_left(testbed, run_dir)
+    assert left == []
+    with sqlite3.connect(f"file:{run_dir / 'store.sqlite'}?mode=ro", uri=True) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"  # what was stored stays
 
 
 def test_training_options_reach_the_basestation_config(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from basestation.broker import Broker, BrokerError, free_port
 from basestation.report.tables import count_of
 from firmware_tools.credentials import Credentials
 from basestation.testbed.prepare import RunLayout, prepare_run
-from basestation.testbed.processes import Child, Supervisor, wait_for
+from basestation.testbed.processes import Child, Supervisor, deferred_interrupts
 from basestation.testbed.progress import Progress
 from basestation.testbed.settings import TestbedSettings
 
@@ -65,7 +65,8 @@ def run_testbed(settings: TestbedSettings, console: Console) -> RunResult:
     broker: Broker | None = None
     try:
         with Supervisor() as children:
-            broker, layout = _start_broker(settings)
+            layout, broker = _prepare_broker(settings)
+            _start_broker(broker, children)
             console.print(f"[bold]qfl testbed[/] run [cyan]{settings.name}[/] in {layout.root}: "
                           f"{count_of(settings.devices, 'device')}, {count_of(settings.rounds, 'round')}, policy {settings.policy}, "
                           f"board {settings.board}, link {settings.link}; broker {broker.url}", highlight=False)
@@ -94,17 +95,23 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop()
 
 
-def _start_broker(settings: TestbedSettings) -> tuple[Broker, RunLayout]:
-    """Pick a port, prepare the run around it, start Mosquitto (another port if that one was taken)."""
+def _prepare_broker(settings: TestbedSettings) -> tuple[RunLayout, Broker]:
+    """Pick a port and prepare the run around it; the broker that will serve it, not started yet."""
     port = free_port()
     layout = prepare_run(settings, f"mqtt://127.0.0.1:{port}")
     accounts = Credentials.load(layout.credentials).accounts()
-    broker = Broker(layout.broker_dir, accounts=accounts, experiment=settings.experiment, port=port)
-    try:
-        broker.start()
-    except BrokerError as exc:
-        raise TestbedError(f"the private Mosquitto did not start: {exc}") from None
-    return broker, layout
+    return layout, Broker(layout.broker_dir, accounts=accounts, experiment=settings.experiment, port=port)
+
+
+def _start_broker(broker: Broker, children: Supervisor) -> None:
+    """Start Mosquitto (another port if that one was taken), watched by the orphan guard."""
+    with deferred_interrupts():
+        try:
+            broker.start()
+        except BrokerError as exc:
+            raise TestbedError(f"the private Mosquitto did not start: {exc}") from None
+        if broker.process is not None:
+            children.guard(broker.process.pid)
 
 
 def _start_device(children: Supervisor, layout: RunLayout, device: str, index: int,
