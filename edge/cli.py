@@ -17,6 +17,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help), or name -> {action: (module, one-line help)} for a command whose
 # actions live in different layers ('meter read' runs on a device, 'meter emulate' needs the emulator).
@@ -60,6 +61,13 @@ def seed(text: str) -> int:
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"a seed must be 0..{2**32 - 1}, got {value}")
     return value
+
+
+def given_path(text: str) -> Path:
+    """An argparse type for a path: refuses the empty string, which would silently mean the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names nothing; give a file or folder")
+    return Path(text)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

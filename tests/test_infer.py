@@ -229,6 +229,8 @@ def test_qfl_edge_infer_prints_predictions_and_accuracy(digits, tmp_path: Path, 
     ("shape", "expects inputs of shape"),
     ("labels", "must hold 3 integer labels"),
     ("model", "unknown model type"),
+    ("empty", "holds no samples (x has shape (0, 64))"),
+    ("non-finite", "x holds 2 non-finite values (NaN or inf)"),
 ])
 def test_qfl_edge_infer_bad_input_is_one_line(case: str, message: str, digits, tmp_path: Path, capsys) -> None:
     model = export(Network(get_architecture("mlp"), bits=8, seed=0), digits, tmp_path / "m", "tflite")
@@ -236,10 +238,32 @@ def test_qfl_edge_infer_bad_input_is_one_line(case: str, message: str, digits, t
               "no-x": _npz(tmp_path / "a.npz", y=np.zeros(3, np.int64)),
               "shape": _npz(tmp_path / "b.npz", x=np.zeros((3, 7), np.float32)),
               "labels": _npz(tmp_path / "c.npz", x=np.zeros((3, 64), np.float32), y=np.zeros(2, np.int64)),
-              "model": _npz(tmp_path / "d.npz", x=np.zeros((3, 64), np.float32))}[case]
+              "model": _npz(tmp_path / "d.npz", x=np.zeros((3, 64), np.float32)),
+              "empty": _npz(tmp_path / "e.npz", x=np.zeros((0, 64), np.float32)),
+              "non-finite": _npz(tmp_path / "f.npz", x=np.array([[np.nan] + [0.0] * 63, [np.inf] + [0.0] * 63,
+                                                                   [0.0] * 64], np.float32))}[case]
     if case == "model":
         model = tmp_path / "m.bin"
         model.write_bytes(b"x")
     assert main(["edge", "infer", str(model), "--input", str(inputs), "--runtime", "numpy"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, runtime, content, message", [
+    ("fake.onnx", "onnxruntime", b"hello\n", "not an ONNX model (Protobuf parsing failed)"),
+    ("fake.tflite", "numpy", b"hello\n", "not a TFLite model (no 'TFL3' flatbuffer identifier)"),
+    ("fake.tflite", "auto", b"hello\n", "not a TFLite model (no 'TFL3' flatbuffer identifier)"),
+    ("cut.tflite", "numpy", b"\x10\x00\x00\x00TFL3" + b"garbage" * 3, "corrupt TFLite model"),
+])
+def test_qfl_edge_infer_model_that_is_not_one_is_one_line(name: str, runtime: str, content: bytes, message: str,
+                                                          tmp_path: Path, capsys) -> None:
+    if runtime == "onnxruntime" and not installed(runtime):
+        pytest.skip("onnxruntime is not installed here")
+    model = tmp_path / name
+    model.write_bytes(content)
+    inputs = _npz(tmp_path / "x.npz", x=np.zeros((3, 64), np.float32))
+    assert main(["edge", "infer", str(model), "--input", str(inputs), "--runtime", runtime]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"qfl edge infer: error: cannot read {model}: ") and message in err
+    assert "\n" not in err and "Traceback" not in err

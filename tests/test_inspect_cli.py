@@ -109,3 +109,12 @@ def test_console_script(update_file):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["signature"] == "verified"
+
+
+def test_empty_path_is_refused_by_name(tmp_path):
+    qfl = Path(sys.executable).with_name("qfl")
+    command = [str(qfl)] if qfl.exists() else [sys.executable, "-m", "edge.cli"]
+    done = subprocess.run([*command, "inspect", ""], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("qfl inspect: error: argument file: an empty path names "
+                                                    "nothing; give a file or folder")

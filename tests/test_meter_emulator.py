@@ -295,8 +295,31 @@ def test_cli_read_against_the_emulator(tmp_path, worker, capsys):
     (["meter", "emulate", "--pid", "1", "--link", "/tmp/x", "--drop-rate", "2"], "probability"),
     (["meter", "read", "--port", "/nonexistent/tty", "--seconds", "1"], "cannot open meter port"),
     (["meter", "read", "--port", "/dev/null", "--seconds", "0"], "--seconds must be positive"),
+    (["meter", "read", "--port", "/dev/null", "--seconds", "1", "--rate", "0"], "--rate must be 1..5000"),
+    (["meter", "read", "--port", "/dev/null", "--seconds", "1", "--timeout", "0"], "--timeout must be positive"),
+    (["meter", "read", "--port", "/dev/null", "--seconds", "1", "--idle-seconds", "-1"],
+     "--idle-seconds must be 0 (no baseline) or more"),
+    (["meter", "emulate", "--pid", "1", "--link", "/tmp/x", "--ground-truth", "/nonexistent/x.csv"],
+     "--ground-truth /nonexistent/x.csv: directory /nonexistent does not exist"),
+    (["meter", "emulate", "--pid", "1", "--link", "/tmp/x", "--ground-truth", "/tmp"],
+     "--ground-truth /tmp is a directory"),
 ])
 def test_cli_errors_are_one_clear_line(argv, message, capsys):
     assert qfl(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith(f"qfl meter {argv[1]}: error:")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--rate", "0"], "argument --rate: must be 1..5000 Hz, got 0"),
+    (["--tick-ms", "1000"], "argument --tick-ms: must be within 1..500 ms, got 1000"),
+    (["--link", ""], "argument --link: an empty path names nothing; give a file or folder"),
+    (["--ground-truth", ""], "argument --ground-truth: an empty path names nothing; give a file or folder"),
+])
+def test_emulate_options_out_of_range_name_the_option(options, message, tmp_path):
+    argv = [sys.executable, "-m", "edge.cli", "meter", "emulate", "--pid", str(os.getpid()),
+            "--link", str(tmp_path / "m.tty"), *options]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("qfl meter emulate: error:")
+    assert not (tmp_path / "m.tty").exists() and list(tmp_path.iterdir()) == []

@@ -12,7 +12,8 @@ def partition(labels: np.ndarray, devices: int, scheme: str = "iid", *, seed: in
     ``scheme`` is ``"iid"`` (a seeded shuffle cut in equal parts), ``"dirichlet:ALPHA"``
     (per class, device proportions drawn from Dirichlet(ALPHA); small ALPHA is more
     skewed) or ``"shards:K"`` (sort by label, cut into ``devices*K`` shards, deal K
-    to each device).
+    to each device, so each sees about K classes; K is 1..number of classes and
+    ``devices*K`` at most the number of samples).
     """
     labels = np.asarray(labels)
     if devices < 1:
@@ -57,7 +58,19 @@ def _dirichlet(labels: np.ndarray, devices: int, alpha: float, rng: np.random.Ge
                      f"raise alpha or use fewer devices")
 
 
+def _check_shards(labels: np.ndarray, devices: int, per_device: int) -> None:
+    """Refuse a ``shards:K`` that cannot limit each device to about K classes or leaves shards empty."""
+    classes = len(np.unique(labels))
+    if per_device > classes:
+        raise ValueError(f"partition 'shards:{per_device}' deals each device {per_device} label-sorted shards, but "
+                         f"the data has {classes} classes: K must be 1..{classes} (use 'iid' for an even spread)")
+    if devices * per_device > len(labels):
+        raise ValueError(f"partition 'shards:{per_device}' cuts {len(labels)} samples into {devices} x {per_device} "
+                         f"shards, some of them empty: K must be at most {len(labels) // devices} for {devices} devices")
+
+
 def _shards(labels: np.ndarray, devices: int, per_device: int, rng: np.random.Generator) -> list[np.ndarray]:
+    _check_shards(labels, devices, per_device)
     order = np.argsort(labels, kind="stable")
     shards = np.array_split(order, devices * per_device)
     dealt = rng.permutation(len(shards)).reshape(devices, per_device)

@@ -36,14 +36,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge.cli import CommandError
-    from edge.infer.runtimes import RuntimeUnavailable, load
+    from edge.infer.runtimes import ModelUnreadable, RuntimeUnavailable, load
 
     if args.batch < 1:
         raise CommandError(f"--batch must be at least 1, got {args.batch}")
     x, y = _inputs(args.input)
     try:
         runner = load(args.model, args.runtime)
-    except (RuntimeUnavailable, ModuleNotFoundError) as exc:
+    except (RuntimeUnavailable, ModelUnreadable, ModuleNotFoundError) as exc:
         raise CommandError(str(exc)) from None
     except (ValueError, OSError, RuntimeError) as exc:  # a corrupt or foreign file
         raise CommandError(f"cannot load {args.model}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
@@ -89,4 +89,10 @@ def _inputs(path: Path):
         raise CommandError(f"{path}: x must be a numeric batch (N, ...), got dtype {x.dtype} shape {x.shape}")
     if y is not None and (y.shape != (len(x),) or y.dtype.kind not in "iu"):
         raise CommandError(f"{path}: y must hold {len(x)} integer labels, got dtype {y.dtype} shape {y.shape}")
-    return x.astype(np.float32), None if y is None else y.astype(np.int64)
+    if len(x) == 0:
+        raise CommandError(f"{path} holds no samples (x has shape {x.shape})")
+    x = x.astype(np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(x)))
+    if bad:
+        raise CommandError(f"{path}: x holds {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf)")
+    return x, None if y is None else y.astype(np.int64)

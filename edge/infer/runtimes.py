@@ -16,6 +16,7 @@ and reading it needs the ``tflite``/``flatbuffers`` packages (pure Python).
 from __future__ import annotations
 
 import importlib
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -33,8 +34,17 @@ INSTALL = {"litert": "pip install ai-edge-litert", "tflite-runtime": "pip instal
            "onnxruntime": "pip install onnxruntime", "numpy": "pip install tflite flatbuffers"}
 
 
+TFLITE_IDENTIFIER = b"TFL3"
+# What the pure-Python flatbuffers reader raises on a truncated or garbled file.
+_CORRUPT_FLATBUFFER = (struct.error, IndexError, KeyError, TypeError, ValueError, UnicodeDecodeError)
+
+
 class RuntimeUnavailable(RuntimeError):
     """The requested runtime is not installed or cannot run this file."""
+
+
+class ModelUnreadable(ValueError):
+    """The file is not a model of the type its suffix names (or is corrupt)."""
 
 
 @dataclass
@@ -77,6 +87,8 @@ def load(path: str | Path, runtime: str = "auto", *, threads: int = 1) -> Runner
         raise RuntimeUnavailable(f"{path}: unknown model type {path.suffix!r}; give a .tflite or .onnx file")
     if not path.is_file():
         raise RuntimeUnavailable(f"no model file at {path}")
+    if path.suffix == ".tflite":
+        _check_tflite_identifier(path)
     if runtime == "auto":
         runtime = available(path)[0]
     if runtime not in kinds:
@@ -90,6 +102,15 @@ def load(path: str | Path, runtime: str = "auto", *, threads: int = 1) -> Runner
     if runtime == "onnxruntime":
         return _onnxruntime(path, threads)
     return _numpy(path)
+
+
+def _check_tflite_identifier(path: Path) -> None:
+    """Raise :class:`ModelUnreadable` unless ``path`` starts like a TFLite flatbuffer."""
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if head[4:8] != TFLITE_IDENTIFIER:
+        raise ModelUnreadable(f"cannot read {path}: not a TFLite model (no {TFLITE_IDENTIFIER.decode()!r} "
+                              "flatbuffer identifier)")
 
 
 def _tflite(path: Path, runtime: str, threads: int) -> Runner:
@@ -126,11 +147,23 @@ def _onnxruntime(path: Path, threads: int) -> Runner:
     # ORT's graph optimizations rewrite QuantizeLinear/DequantizeLinear pairs around Gemm (measured on the
     # 8-bit MLP: logits off by up to 0.12, 2.2% of classes changed); unoptimized, the QDQ file is exact.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's errors (InvalidProtobuf, InvalidGraph, Fail, ...) share no base class
+        raise ModelUnreadable(f"cannot read {path}: {_ort_reason(exc)}") from None
     source = session.get_inputs()[0]
     name = source.name
     return Runner("onnxruntime", tuple(int(s) for s in source.shape[1:]),
                   lambda x: session.run(None, {name: x})[0])
+
+
+def _ort_reason(exc: Exception) -> str:
+    """One line saying why ONNX Runtime rejected a file."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    detail = detail.rsplit("failed:", 1)[-1].strip().rstrip(".")
+    if type(exc).__name__ == "InvalidProtobuf":
+        return f"not an ONNX model ({detail})"
+    return f"ONNX Runtime rejects it ({detail})"
 
 
 def _numpy(path: Path) -> Runner:
@@ -155,9 +188,19 @@ def _read_qfl_model(path: Path) -> tuple[str, int, dict[str, Any]]:
             meta = read_metadata(path)
         except ModuleNotFoundError as exc:
             raise RuntimeUnavailable(str(exc)) from None
+        except _CORRUPT_FLATBUFFER as exc:
+            raise _corrupt(path, exc) from None
         if "architecture" not in meta:
             raise RuntimeUnavailable(f"{path} was not written by qfl export (no qfl metadata); the numpy engine "
                                      "runs only qfl's own models")
         bits = int(meta.get("bits") or meta.get("qfl.weight_bits") or 32)
-        return meta["architecture"], bits, read_weights(path, get_architecture(meta["architecture"]))
+        arch = get_architecture(meta["architecture"])
+        try:
+            return meta["architecture"], bits, read_weights(path, arch)
+        except _CORRUPT_FLATBUFFER as exc:
+            raise _corrupt(path, exc) from None
     raise RuntimeUnavailable(f"the numpy engine runs .tflite files qfl wrote, not {path.suffix}")
+
+
+def _corrupt(path: Path, exc: Exception) -> ModelUnreadable:
+    return ModelUnreadable(f"cannot read {path}: corrupt TFLite model ({type(exc).__name__} in its flatbuffer)")

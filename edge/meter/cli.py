@@ -26,12 +26,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
-def run(args: argparse.Namespace) -> int:
-    from edge.meter.errors import MeterError
-    from edge.meter.reader import PowerMeter
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse option values the meter cannot work with, naming the option."""
+    from edge.meter.reader import MAX_RATE_HZ
 
     if not args.seconds > 0:
         raise CommandError(f"--seconds must be positive, got {args.seconds}")
+    if not 1 <= args.rate <= MAX_RATE_HZ:
+        raise CommandError(f"--rate must be 1..{MAX_RATE_HZ} samples per second, got {args.rate}")
+    if not args.timeout > 0:
+        raise CommandError(f"--timeout must be positive, got {args.timeout}")
+    if not args.idle_seconds >= 0:
+        raise CommandError(f"--idle-seconds must be 0 (no baseline) or more, got {args.idle_seconds}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read the meter for ``--seconds``, printing a line a second, then the energy summary."""
+    from edge.meter.errors import MeterError
+    from edge.meter.reader import PowerMeter
+
+    _check_options(args)
     try:
         meter = PowerMeter(args.port, rate_hz=args.rate, idle_seconds=args.idle_seconds, timeout=args.timeout)
     except MeterError as exc:

@@ -43,14 +43,22 @@ class ConfigError(ValueError):
 
 def read_toml(path: str | Path) -> tuple[dict[str, Any], Path]:
     """Parse a TOML file; returns (table, directory of the file)."""
+    if not str(path):
+        raise ConfigError("the config path is empty; give the path of a .toml file")
     path = Path(path)
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh), path.resolve().parent
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; give the path of a .toml config file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not valid TOML: not UTF-8 text") from None
 
 
 class Table:

@@ -14,9 +14,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from edge.cli import given_path
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=Path, help="a message as published (e.g. a spooled update or a saved model)")
+    parser.add_argument("file", type=given_path, help="a message as published (e.g. a spooled update or a saved model)")
     key = parser.add_mutually_exclusive_group()
     key.add_argument("--key", help="as hex, to check the signature: the device's HMAC key (update) or the "
                                    "basestation's Ed25519 public key (model)")

@@ -15,25 +15,53 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
-from edge.cli import CommandError
+from edge.cli import CommandError, given_path
 from firmware_tools.emulator import (BoardError, EmulatorError, FaultError, FaultPlan, MeterEmulator, WatchError,
                                      parse_window)
 from firmware_tools.emulator.link import LinkProfileError, RadioLog, Relay, get_link
 from firmware_tools.emulator.ptylink import LinkError
+from firmware_tools.meter_firmware.main import MAX_RATE_HZ
+
+TICK_MS = (1.0, 500.0)
+
+
+def rate_hz(text: str) -> int:
+    """An argparse type for a meter's highest sample rate: an integer 1..MAX_RATE_HZ."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer rate in Hz, got {text!r}") from None
+    if not 1 <= value <= MAX_RATE_HZ:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_RATE_HZ} Hz, got {value}")
+    return value
+
+
+def tick_ms(text: str) -> float:
+    """An argparse type for the emulator's tick in milliseconds, within :data:`TICK_MS`."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}") from None
+    low, high = TICK_MS
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be within {low:g}..{high:g} ms, got {value:g}")
+    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pid", type=int, required=True, help="process whose CPU time and writes make the power")
     parser.add_argument("--board", default="pi4", help="board profile from firmware_tools/emulator/boards.toml "
                                                        "(pi-zero-2w, pi4, pi5)")
-    parser.add_argument("--link", required=True, help="path of the symlink to the emulated serial device")
+    parser.add_argument("--link", type=given_path, required=True, help="path of the symlink to the emulated serial device")
     parser.add_argument("--seed", type=int, default=0, help="seed of the power noise and of the faults")
-    parser.add_argument("--rate", type=int, default=1000, help="highest sample rate the emulated meter accepts (Hz)")
-    parser.add_argument("--tick-ms", type=float, default=10.0,
+    parser.add_argument("--rate", type=rate_hz, default=1000, help="highest sample rate the emulated meter accepts (Hz)")
+    parser.add_argument("--tick-ms", type=tick_ms, default=10.0,
                         help="how often the watched process is read; shorter follows millisecond phases more "
                              "closely and costs more CPU (1..500)")
-    parser.add_argument("--ground-truth", metavar="FILE.csv", help="write the true emulated power of every sample")
+    parser.add_argument("--ground-truth", type=given_path, metavar="FILE.csv",
+                        help="write the true emulated power of every sample")
     parser.add_argument("--drop-rate", type=float, default=0.0, help="probability of losing a sample line")
     parser.add_argument("--corrupt-rate", type=float, default=0.0, help="probability of flipping a bit in a sample line")
     parser.add_argument("--unplug", action="append", default=[], metavar="AT:SECONDS",
@@ -53,10 +81,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--links", metavar="FILE.toml", help="read link profiles from this file instead")
 
 
+def _check_ground_truth(target: Path | None) -> None:
+    """Refuse a ``--ground-truth`` path the log cannot be created at, before any pty exists."""
+    if target is None:
+        return
+    if target.is_dir():
+        raise CommandError(f"--ground-truth {target} is a directory; give the CSV file to write")
+    if not target.parent.is_dir():
+        raise CommandError(f"--ground-truth {target}: directory {target.parent} does not exist")
+
+
 def run(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(f"qfl meter emulate: {message}", file=sys.stderr, flush=True)
 
+    _check_ground_truth(args.ground_truth)
     relay = None
     try:
         profile = get_link(args.net, args.links).for_device(seed=args.net_seed, index=args.net_index)
@@ -90,7 +129,11 @@ def run(args: argparse.Namespace) -> int:
     say(f"{emulator.board.name} meter for process {args.pid} at {args.link}")
     try:
         emulator.run()
-    except (LinkError, OSError) as exc:
+    except LinkError as exc:
+        raise CommandError(f"cannot create the emulated device at {args.link}: {exc}") from None
+    except OSError as exc:
+        if args.ground_truth is not None and exc.filename == str(args.ground_truth):
+            raise CommandError(f"cannot write --ground-truth {args.ground_truth}: {exc.strerror or exc}") from None
         raise CommandError(f"cannot create the emulated device at {args.link}: {exc}") from None
     finally:
         for sig, handler in previous.items():

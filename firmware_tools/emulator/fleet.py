@@ -46,11 +46,35 @@ from typing import Callable
 import numpy as np
 
 from firmware_tools.emulator.boards import BoardProfile, get_board
-from firmware_tools.emulator.emulator import MeterEmulator
+from firmware_tools.emulator.emulator import EmulatorError, MeterEmulator
 from firmware_tools.emulator.link import RadioLog, Relay, get_link
 
+SPEC_KEYS = "pid, link, seed, ground_truth, meter_id, net"
 WARN_FACTOR = 1.5       # median tick interval over nominal beyond which fidelity is in doubt
 WARN_EVERY_SECONDS = 30.0
+
+
+class SpecError(ValueError):
+    """A line of the spec file does not describe a device that can be emulated."""
+
+
+def spec_entry(line: bytes, where: str) -> dict:
+    """The JSON object of one spec line, with an integer ``pid`` and a non-empty ``link``; ``where`` names it."""
+    try:
+        entry = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise SpecError(f"{where} is not JSON ({reason}); each line is one object with {SPEC_KEYS}") from None
+    if not isinstance(entry, dict):
+        raise SpecError(f"{where}: expected a JSON object with {SPEC_KEYS}, got {type(entry).__name__}")
+    missing = [key for key in ("pid", "link") if key not in entry]
+    if missing:
+        raise SpecError(f"{where}: missing {' and '.join(map(repr, missing))} (each line needs pid and link)")
+    if isinstance(entry["pid"], bool) or not isinstance(entry["pid"], int) or entry["pid"] < 1:
+        raise SpecError(f"{where}: pid must be a process id (a positive integer), got {entry['pid']!r}")
+    if not isinstance(entry["link"], str) or not entry["link"]:
+        raise SpecError(f"{where}: link must be a non-empty path, got {entry['link']!r}")
+    return entry
 
 
 @dataclass
@@ -96,6 +120,7 @@ class FleetEmulator:
         self._log = log or (lambda message: None)
         self._stop = False
         self._spec_offset = 0
+        self._spec_line = 0
         self._intervals: list[float] = []
         self._last_warning = -1e9
 
@@ -174,18 +199,32 @@ class FleetEmulator:
                 data = fh.read()
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise SpecError(f"cannot read {spec}: {exc.strerror or exc}") from None
         end = data.rfind(b"\n") + 1  # only whole lines: the writer may be half-way through one
         for line in data[:end].splitlines():
-            if not line.strip():
-                continue
-            entry = json.loads(line)
-            try:
-                self.add(pid=int(entry["pid"]), link=entry["link"], seed=int(entry.get("seed", 0)),
-                         ground_truth=entry.get("ground_truth"), meter_id=entry.get("meter_id"),
-                         net=entry.get("net"))
-            except ProcessLookupError as exc:  # it ended before we got to it
-                self._log(f"not emulating {entry.get('link')}: {exc}")
+            self._spec_line += 1
+            if line.strip():
+                self._add_from_spec(spec, self._spec_line, line)
         self._spec_offset += end
+
+    def _add_from_spec(self, spec: Path, number: int, line: bytes) -> None:
+        """Start the meter one spec line describes; :class:`SpecError` names the file and line if it cannot."""
+        where = f"{spec} line {number}"
+        entry = spec_entry(line, where)
+        try:
+            self.add(pid=entry["pid"], link=entry["link"], seed=int(entry.get("seed", 0)),
+                     ground_truth=entry.get("ground_truth"), meter_id=entry.get("meter_id"),
+                     net=entry.get("net"))
+        except ProcessLookupError as exc:  # it ended before we got to it
+            self._log(f"not emulating {entry['link']}: {exc}")
+        except KeyError as exc:
+            raise SpecError(f"{where}: 'net' needs {exc}") from None
+        except OSError as exc:
+            reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+            raise SpecError(f"{where}: {reason}") from None
+        except (ValueError, TypeError, EmulatorError) as exc:
+            raise SpecError(f"{where}: {exc}") from None
 
     def _wait(self, seconds: float) -> None:
         """Sleep up to ``seconds``, waking early when any host sends a command."""

@@ -16,16 +16,17 @@ import signal
 import sys
 from pathlib import Path
 
-from edge.cli import CommandError
+from edge.cli import CommandError, given_path
 from firmware_tools.emulator.boards import BoardError
-from firmware_tools.emulator.fleet import FleetEmulator
+from firmware_tools.emulator.cli import rate_hz, tick_ms
+from firmware_tools.emulator.fleet import FleetEmulator, SpecError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spec", type=Path, required=True, help="JSON-lines file listing the devices to emulate")
+    parser.add_argument("--spec", type=given_path, required=True, help="JSON-lines file listing the devices to emulate")
     parser.add_argument("--board", default="pi4", help="board profile (pi-zero-2w, pi4, pi5)")
-    parser.add_argument("--rate", type=int, default=1000, help="highest sample rate the meters accept (Hz)")
-    parser.add_argument("--tick-ms", type=float, default=10.0, help="how often every process is read (1..500)")
+    parser.add_argument("--rate", type=rate_hz, default=1000, help="highest sample rate the meters accept (Hz)")
+    parser.add_argument("--tick-ms", type=tick_ms, default=10.0, help="how often every process is read (1..500)")
     parser.add_argument("--stats", type=Path, help="write the loop's statistics here as JSON at the end")
     parser.add_argument("--boards", metavar="FILE.toml", help="read board profiles from this file instead")
 
@@ -34,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(f"qfl meter fleet: {message}", file=sys.stderr, flush=True)
 
-    if not 1.0 <= args.tick_ms <= 500.0:
-        raise CommandError(f"--tick-ms must be within 1..500, got {args.tick_ms}")
+    if args.spec.is_dir():
+        raise CommandError(f"--spec {args.spec} is a directory; give the JSON-lines file listing the devices")
     try:
         fleet = FleetEmulator(board=args.board, rate_hz=args.rate, tick_seconds=args.tick_ms / 1000.0,
                               boards_file=args.boards, log=say)
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     say(f"{fleet.board.name} meters from {args.spec}, tick {args.tick_ms:g} ms")
     try:
         stats = fleet.run(args.spec)
+    except SpecError as exc:
+        raise CommandError(str(exc)) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
