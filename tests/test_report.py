@@ -614,6 +614,24 @@ def test_a_file_that_is_not_a_store(tmp_path: Path) -> None:
         load_run(tmp_path)
 
 
+def test_a_store_damaged_past_its_header_is_named_not_a_traceback(tmp_path: Path) -> None:
+    import sqlite3
+
+    from basestation.report import load_run
+
+    write_run_dir(tmp_path / "run")
+    store = tmp_path / "run" / "basestation.sqlite"
+    with sqlite3.connect(store) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page, pages = db.execute("PRAGMA page_size").fetchone()[0], db.execute("PRAGMA page_count").fetchone()[0]
+    assert pages > 3
+    with open(store, "r+b") as fh:  # every page but the header's, as a bad sector or a torn copy would
+        fh.seek(page)
+        fh.write(bytes(range(256)) * (page * (pages - 1) // 256))
+    with pytest.raises(ReportError, match=r"the store .*basestation.sqlite is damaged: .*malformed"):
+        load_run(tmp_path / "run")
+
+
 def test_qfl_report_command_on_a_run_directory(run_dir, capsys: pytest.CaptureFixture) -> None:
     from edge.cli import main
 

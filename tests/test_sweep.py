@@ -95,6 +95,19 @@ def test_small_real_sweep_prints_the_issue_object_and_resumes(tmp_path, capsys):
     for row in lines[:-1]:  # the finished runs were not run again
         assert os.stat(Path(row["run_dir"]) / "store.sqlite").st_mtime_ns == kept[row["key"]]
 
+    # Damaged lines (not JSON, JSON that is not a result row) are left out and said, not a traceback.
+    with open(out / "results.jsonl", "ab") as fh:
+        fh.write(b'[1, 2]\n{"key": "fixed-n8-m8-I5-s0", "kind": "fixed"}\n\xff\xfe\n')
+    assert qfl([*SWEEP, "--out", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["settings"] == obj["settings"]
+    assert "3 line(s) are not result rows" in " ".join(captured.err.split())
+    spec = (out / "sweep.json").read_bytes()
+    (out / "sweep.json").write_bytes(spec[: len(spec) // 2])
+    assert qfl([*SWEEP, "--out", str(out)]) == 2
+    assert "sweep.json is damaged" in capsys.readouterr().err
+    (out / "sweep.json").write_bytes(spec)
+
     # The same --out with a different grid is refused, not mixed in.
     assert qfl([*[a if a != "4,32" else "8" for a in SWEEP], "--out", str(out)]) == 2
     assert "holds a different sweep" in capsys.readouterr().err

@@ -180,3 +180,18 @@ def test_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (tmp_path / "runs").write_text("")
     assert main(["testbed", "--out", str(tmp_path / "runs")]) == 2
     assert "is a file; it must be a folder" in capsys.readouterr().err
+
+
+def test_an_unreadable_history_is_named_before_the_run_starts(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from edge.cli import main
+
+    noise = tmp_path / "noise.sqlite"
+    noise.write_bytes(bytes(range(256)) * 8)
+    damaged = tmp_path / "damaged.sqlite"
+    damaged.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 16)
+    for history, message in ((noise, "is not text"), (damaged, "cannot read the store")):
+        assert main(["testbed", "--out", str(tmp_path / "runs"), "--name", "h", "--history", str(history)]) == 2
+        err = capsys.readouterr().err
+        assert f"--history {history}: " in err and message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "runs" / "h").exists()

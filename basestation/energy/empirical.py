@@ -103,6 +103,10 @@ def load_curves(path: str | Path) -> list[Curve]:
         raise CurveError(f"learning-curve file {path} does not exist") from None
     except json.JSONDecodeError as exc:
         raise CurveError(f"learning-curve file {path} is not JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise CurveError(f"learning-curve file {path} is not text (neither a curves JSON nor a store)") from None
+    except OSError as exc:
+        raise CurveError(f"cannot read the learning-curve file {path}: {exc.strerror or exc}") from None
     items = doc.get("curves") if isinstance(doc, dict) else doc
     if not isinstance(items, list) or not items:
         raise CurveError(f"{path} holds no learning curves (expected {{\"curves\": [...]}})")

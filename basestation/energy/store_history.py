@@ -18,6 +18,7 @@ see :func:`resolve_history`.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -123,13 +124,16 @@ def resolve_history(history: str | Path, *, own_store: Any, like: Mapping[str, A
     empty. Raises ValueError for a file that is neither.
     """
     from basestation.energy.empirical import CurveError
-    from basestation.store import Store
+    from basestation.store import Store, StoreError
 
     if str(history) == OWN_STORE:
         return curves_from_store(own_store, like=like, exclude={experiment})
     if is_store_file(history):
-        with Store(history, readonly=True) as other:
-            return curves_from_store(other, like=like, exclude={experiment})
+        try:
+            with Store(history, readonly=True) as other:
+                return curves_from_store(other, like=like, exclude={experiment})
+        except (StoreError, sqlite3.DatabaseError) as exc:
+            raise ValueError(f"[precision] history: cannot read the store {history}: {exc}") from None
     try:
         return load_curves(history), {}
     except CurveError as exc:

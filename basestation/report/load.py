@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,9 +129,13 @@ def read_store(path: Path, experiment: str | None = None) -> StoreContents:
     except (StoreError, OSError) as exc:
         raise ReportError(f"cannot read the store {path}: {exc}") from None
     with store:
-        record = pick_experiment(store, path, experiment,
-                                 hint="name one in summary.json as {\"experiment\": \"ID\"}")
-        return _contents(store, record)
+        try:
+            record = pick_experiment(store, path, experiment,
+                                     hint="name one in summary.json as {\"experiment\": \"ID\"}")
+            return _contents(store, record)
+        except sqlite3.DatabaseError as exc:  # damage past the header shows only when a page is read
+            raise ReportError(f"the store {path} is damaged: {exc}; restore it from a copy, or recover what "
+                              f"is readable with 'sqlite3 {path} .recover'") from None
 
 
 def pick_experiment(store: Any, path: Path, experiment: str | None, *, hint: str) -> Any:

@@ -64,18 +64,28 @@ def same_sweep(stored: dict[str, Any], spec: dict[str, Any]) -> bool:
     return {**stored, "testbed": {**missing, **stored_testbed}} == spec
 
 
-def load_results(out: Path) -> dict[str, dict[str, Any]]:
-    """Finished runs by key (a torn last line from a kill is ignored)."""
-    results = {}
-    path = out / RESULTS
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+# What every stored result row must hold to count as a finished run (the fields the sweep reads back).
+RESULT_FIELDS = frozenset({"key", "kind", "n", "m", "I", "seed", "accuracy", "energy_j", "train_j", "uplink_j",
+                           "energy_to_target_j", "rounds_to_target"})
+
+
+def read_results(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """Finished runs of ``path`` by key, and how many lines were not whole result rows (torn by a kill,
+    damaged): those runs are run again."""
+    results: dict[str, dict[str, Any]] = {}
+    unreadable = 0
+    if not path.exists():
+        return results, 0
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and RESULT_FIELDS <= row.keys() and isinstance(row["key"], str):
             results[row["key"]] = row
-    return results
+        elif line.strip():
+            unreadable += 1
+    return results, unreadable
 
 
 def run_sweep(base: TestbedSettings, grid: Grid, policies: tuple[str, ...], seeds: int, out: Path,
@@ -85,12 +95,20 @@ def run_sweep(base: TestbedSettings, grid: Grid, policies: tuple[str, ...], seed
     spec = json.loads(json.dumps(spec_of(base, grid, seeds)))  # as stored: tuples become lists
     spec_path = out / SPEC
     if spec_path.exists():
-        stored = json.loads(spec_path.read_text())
-        if not same_sweep(stored, spec):
+        try:
+            stored = json.loads(spec_path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SweepError(f"{spec_path} is damaged ({exc}); it says which sweep {out} holds, so fix or remove "
+                             "it (the finished runs in results.jsonl stay and are reused if the options match)") \
+                from None
+        if not isinstance(stored, dict) or not same_sweep(stored, spec):
             raise SweepError(f"{out} holds a different sweep ({spec_path}); use another --out or the same options")
     else:
         spec_path.write_text(json.dumps(spec, indent=2) + "\n")
-    results = load_results(out)
+    results, unreadable = read_results(out / RESULTS)
+    if unreadable:
+        console.print(f"[yellow]{out / RESULTS}: {unreadable} line(s) are not result rows (torn or damaged); "
+                      "their runs are run again[/]", highlight=False)
     seed_values = [base.seed + k for k in range(seeds)]
     jobs: list[tuple[str, Callable[[], TestbedSettings]]] = []
     for seed in seed_values:

@@ -61,12 +61,25 @@ def load_and_split(settings: TestbedSettings) -> tuple[Dataset, list[np.ndarray]
     return dataset, partition(dataset.y_train, settings.devices, settings.partition, seed=settings.seed)
 
 
+def check_history(settings: TestbedSettings) -> None:
+    """ValueError naming ``--history`` if it is neither a readable curves JSON nor a readable store."""
+    if settings.history is None:
+        return
+    from basestation.energy.store_history import resolve_history
+
+    try:
+        resolve_history(settings.history, own_store=None, like={}, experiment="")
+    except ValueError as exc:
+        raise ValueError(f"--history {settings.history}: {str(exc).removeprefix('[precision] history: ')}") from None
+
+
 def prepare_run(settings: TestbedSettings, broker_url: str) -> RunLayout:
     """Write everything a run needs before any process starts; returns its layout."""
     root = settings.run_dir
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"run directory {root} exists and is not empty; choose another --name or --out")
     dataset, parts = load_and_split(settings)  # bad data, model or partition fails before anything is written
+    check_history(settings)
     root.mkdir(parents=True, exist_ok=True)
     config = root / "config.json"
     config.write_text(json.dumps(settings.to_json(), indent=2) + "\n")
