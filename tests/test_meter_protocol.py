@@ -113,6 +113,24 @@ def test_bad_lines_are_rejected_with_a_reason(line, reason):
     assert isinstance(info.value, ValueError) and isinstance(info.value, MeterError)
 
 
+@pytest.mark.parametrize("body, message", [
+    ("#QFLM,1,x,1.0,nan,399F,1000", "shunt resistance must be a positive finite number of milliohms, got 'nan'"),
+    ("#QFLM,1,x,1.0,-100,399F,1000", "positive finite number of milliohms, got '-100'"),
+    ("#QFLM,1,x,1.0,0,399F,1000", "positive finite number of milliohms, got '0'"),
+    ("#QFLM,1,x,1.0,inf,399F,1000", "positive finite number of milliohms, got 'inf'"),
+    ("#QFLM,1,x,1.0,1e999,399F,1000", "positive finite number of milliohms, got '1e999'"),
+    ("#QFLM,1,x,1.0,1e-300,399F,1000", "at least 0.001 milliohms (1 uOhm), got '1e-300'"),
+    ("#QFLM,1,,1.0,100,399F,1000", "meter id is empty"),
+    ("#QFLM,1,x,,100,399F,1000", "firmware version is empty"),
+    ("#QFLM,-1,x,1.0,100,399F,1000", "protocol version must be a non-negative decimal integer"),
+    ("#QFLM,1,x,1.0,100,399,1000", "config register must be 4 hex digits"),
+])
+def test_an_unusable_identity_names_its_field(body, message):
+    with pytest.raises(ProtocolError, match=f"^meter identity: .*{re.escape(message)}") as info:
+        protocol.parse_line(protocol.frame(body))
+    assert info.value.reason == "format"
+
+
 def test_non_ascii_body_with_a_matching_crc_is_an_encoding_error():
     body = "S,\u00e9".encode("latin-1")
     with pytest.raises(ProtocolError) as info:

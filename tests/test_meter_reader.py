@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import math
 import os
+import pty
+import select
 import subprocess
 import sys
+import threading
 import time
+import tty
+from typing import Callable
 
 import numpy as np
 import pytest
 
 from edge.meter import MeterError, MeterTimeout, PhaseEnergy, PowerMeter
 from edge.meter.clock import ClockAligner
-from edge.meter.errors import MeterClosed, UnknownPhase
-from edge.meter.protocol import Identity, Sample, encode
+from edge.meter.errors import MeterClosed, ProtocolError, UnknownPhase
+from edge.meter.protocol import Identity, Sample, encode, frame
 from edge.meter.stream import MeterStream
 from firmware_tools.emulator import FaultPlan, MeterEmulator, Window, read_ground_truth, truth_energy
 
@@ -322,6 +327,124 @@ def test_missing_port_and_bad_arguments_are_clear_errors(tmp_path):
         PowerMeter("/dev/null", idle_seconds=-1)
     with pytest.raises(MeterError, match="config"):
         PowerMeter("/dev/null", config=0x12345)
+
+
+class ScriptedMeter:
+    """A meter on a real pseudo-terminal that answers STOP, ID? and START with the given lines and,
+    once started, sends ``samples(seq, t_us)`` (a list of line bodies) for every 1 ms slot."""
+
+    IDENTITY = "#QFLM,1,fake-1,1.0.0,100,399F,1000"
+
+    def __init__(self, identity: str = IDENTITY, start_ack: str = "OK,START,{rate}",
+                 samples: Callable[[int, int], list[str]] = lambda seq, t_us: [f"S,{seq},{t_us},03E8,2712"]):
+        self.identity, self.start_ack, self.samples = identity, start_ack, samples
+        self.master, self.slave = pty.openpty()
+        tty.setraw(self.slave)
+        os.set_blocking(self.master, False)
+        self.port = os.ttyname(self.slave)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ScriptedMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        os.close(self.master)
+        os.close(self.slave)
+
+    def _send(self, body: str) -> None:
+        try:
+            os.write(self.master, frame(body))
+        except (BlockingIOError, OSError):  # nobody reads: a meter's USB buffer would drop it too
+            pass
+
+    def _answer(self, line: bytes) -> bool:
+        """Answer one command; True when it started sampling."""
+        words = line.split(b"*")[0].decode().split()
+        name = words[0].upper() if words else ""
+        if name == "STOP":
+            self._send(f"OK,STOP,{self._seq}")
+        elif name == "ID?":
+            self._send(self.identity)
+        elif name == "START":
+            self._send(self.start_ack.format(rate=words[1]))
+            return True
+        return False
+
+    def _run(self) -> None:
+        self._seq, t_us, started, buf, began = 0, 0, False, b"", time.monotonic()
+        while not self._stop.is_set():
+            if select.select([self.master], [], [], 0.002)[0]:
+                try:
+                    buf += os.read(self.master, 4096)
+                except OSError:
+                    pass
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    started = self._answer(line) or started
+            now_us = int((time.monotonic() - began) * 1e6)
+            while started and t_us + 1000 <= now_us:
+                t_us += 1000
+                for body in self.samples(self._seq, t_us):
+                    self._send(body)
+                self._seq += 1
+
+
+@pytest.mark.parametrize("shunt", ["nan", "-100", "0", "inf", "-inf"])
+def test_an_identity_with_an_unusable_shunt_is_a_protocol_error(shunt):
+    with ScriptedMeter(identity=f"#QFLM,1,fake-1,1.0.0,{shunt},399F,1000") as fake:
+        began = time.monotonic()
+        with pytest.raises(ProtocolError, match=f"shunt resistance must be a positive finite number of milliohms, "
+                                                f"got '{shunt}'"):
+            PowerMeter(fake.port, idle_seconds=0, timeout=3.0)
+        assert time.monotonic() - began < 2.0  # refused on sight, not after waiting for samples
+
+
+def test_a_start_acknowledged_with_rate_0_is_one_protocol_error(caplog):
+    with ScriptedMeter(start_ack="OK,START,0") as fake:
+        with pytest.raises(ProtocolError, match="acknowledged START with rate '0'"):
+            PowerMeter(fake.port, idle_seconds=0, timeout=2.0)
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback logged
+
+
+def test_a_sample_with_an_absurd_seq_is_malformed_not_lost_lines():
+    def with_absurd(seq: int, t_us: int) -> list[str]:
+        normal = f"S,{seq},{t_us},03E8,2712"
+        absurd = f"S,99999999999999999999999,{t_us + 500},03E8,2712"  # seq and t_us both move on
+        return [normal, absurd] if seq % 50 == 25 else [normal]
+
+    with ScriptedMeter(samples=with_absurd) as fake:
+        with PowerMeter(fake.port, idle_seconds=0) as meter:
+            with meter.phase("p"):
+                time.sleep(1.0)
+            energy = meter.phase_energy("p")
+            counters = meter.counters
+    assert energy.lost_samples == 0 and counters.lost_samples == 0 and counters.restarts == 0
+    assert energy.malformed_lines >= 15 and not energy.partial
+    assert energy.mean_watts == pytest.approx(0.5, rel=1e-3)  # 10 mV on 0.1 ohm at 5 V
+
+
+def test_samples_with_counters_beyond_the_protocol_are_counted_as_malformed():
+    huge = 10**30
+    with ScriptedMeter(samples=lambda seq, t_us: [f"S,{huge + seq},{huge + t_us},03E8,2712"]) as fake:
+        with pytest.raises(MeterTimeout, match=r"did not send samples after START within 0.5 s \(\d+ lines came: "
+                                               r"\d+ malformed, 0 CRC errors\)"):
+            PowerMeter(fake.port, idle_seconds=0, timeout=0.5)
+
+
+def test_a_seq_jump_the_meter_clock_allows_is_lost_lines_and_one_it_does_not_is_malformed():
+    stream = MeterStream()
+    stream.feed(encode(Identity(1, "m", "1", 100, 0x399F, 4096)), 0.0)
+    for seq, t_us in ((0, 1000), (1, 2000), (10, 11000), (10**12, 12000), (11, 12000 + 10**6), (2**53, 2**53)):
+        stream.feed(encode(Sample(seq, t_us, 0x1388, 0x2712)), t_us * 1e-6)
+    counters = stream.counters
+    # 10 after 1: 8 lines lost in 9 ms. 10**12 in 1 ms: impossible. 11 a second later: 0 lost.
+    # 2**53: beyond the protocol.
+    assert counters.malformed_lines == 2 and counters.samples == 4 and counters.restarts == 0
+    assert counters.lost_samples == 8
 
 
 def test_a_real_meter(meter_port):

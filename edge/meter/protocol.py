@@ -16,6 +16,7 @@ CRC-8 (polynomial 0x07, initial value 0, no reflection, no final XOR; the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -23,6 +24,12 @@ from edge.meter.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_LINE_BYTES = 120
+MAX_RATE_HZ = 5000  # the highest rate START accepts
+# seq and t_us above this cannot come from a meter (2**53 us is 285 years of uptime) and would no
+# longer be exact in the host's float arithmetic.
+MAX_COUNTER = 2**53
+# 1 uOhm: below any real shunt (the smallest are ~50 uOhm); a tinier one makes currents overflow floats.
+MIN_SHUNT_MILLIOHMS = 0.001
 COMMANDS = ("START", "STOP", "ID?", "CAL", "CFG")
 
 
@@ -155,6 +162,33 @@ def _unsigned(text: str, what: str) -> int:
     return int(text)
 
 
+def _shunt_milliohms(text: str) -> float:
+    """The identity's shunt field: a positive finite number (NaN, inf, 0 or below would poison every current)."""
+    try:
+        shunt = float(text)
+    except ValueError:
+        shunt = math.nan
+    if not (math.isfinite(shunt) and shunt > 0):
+        raise ProtocolError("format", f"meter identity: shunt resistance must be a positive finite number "
+                                      f"of milliohms, got {text!r}")
+    if shunt < MIN_SHUNT_MILLIOHMS:
+        raise ProtocolError("format", f"meter identity: shunt resistance must be at least {MIN_SHUNT_MILLIOHMS} "
+                                      f"milliohms (1 uOhm), got {text!r}")
+    return shunt
+
+
+def _parse_identity(fields: list[str], body: str) -> Identity:
+    if len(fields) != 7:
+        raise ProtocolError("format", f"meter identity: an identity has 7 fields "
+                                      f"#QFLM,proto,id,firmware,mOhm,config,cal; got {body!r}")
+    for index, what in ((2, "meter id"), (3, "firmware version")):
+        if not fields[index]:
+            raise ProtocolError("format", f"meter identity: {what} is empty in {body!r}")
+    return Identity(_unsigned(fields[1], "meter identity: protocol version"), fields[2], fields[3],
+                    _shunt_milliohms(fields[4]), _hex16(fields[5], "meter identity: config register"),
+                    _hex16(fields[6], "meter identity: calibration register"))
+
+
 def parse_body(body: str) -> Message:
     """Parse a line body (the part before ``*``) into a message."""
     fields = body.split(",")
@@ -165,14 +199,7 @@ def parse_body(body: str) -> Message:
         return Sample(_unsigned(fields[1], "seq"), _unsigned(fields[2], "t_us"),
                       _hex16(fields[3], "shunt register"), _hex16(fields[4], "bus register"))
     if kind == "#QFLM":
-        if len(fields) != 7:
-            raise ProtocolError("format", f"an identity has 7 fields #QFLM,proto,id,firmware,mOhm,config,cal; got {body!r}")
-        try:
-            shunt = float(fields[4])
-        except ValueError:
-            raise ProtocolError("format", f"shunt resistance must be a number of milliohms, got {fields[4]!r}") from None
-        return Identity(_unsigned(fields[1], "protocol version"), fields[2], fields[3], shunt,
-                        _hex16(fields[5], "config register"), _hex16(fields[6], "calibration register"))
+        return _parse_identity(fields, body)
     if kind == "E":
         parts = body.split(",", 2)
         if len(parts) != 3:

@@ -27,15 +27,14 @@ from typing import Callable
 
 import serial
 
-from edge.meter.errors import MeterClosed, MeterError, MeterTimeout, UnknownPhase
+from edge.meter.errors import MeterClosed, MeterError, MeterTimeout, ProtocolError, UnknownPhase
 from edge.meter.ina219 import calibration_register
 from edge.meter.integrate import PhaseEnergy, PhaseToken
-from edge.meter.protocol import Ack, Identity, command
+from edge.meter.protocol import MAX_RATE_HZ, Ack, Identity, command
 from edge.meter.stream import MeterCounters, MeterStream, Reading
 
 log = logging.getLogger(__name__)
 
-MAX_RATE_HZ = 5000
 _BACKOFF_START = 0.05
 _BACKOFF_MAX = 1.0
 
@@ -384,19 +383,44 @@ class PowerMeter:
             stream.set_rate(self.rate_hz)
             stream.last_sample_host = time.monotonic()
         samples = stream.counters.samples
-        ack = self._command(ser, command("START", self.rate_hz), "START")
-        if ack.values and ack.values[0].isdigit() and int(ack.values[0]) != self.rate_hz:
+        rate = self._acked_rate(self._command(ser, command("START", self.rate_hz), "START"))
+        if rate != self.rate_hz:
             with self._cond:
-                stream.set_rate(int(ack.values[0]))
+                stream.set_rate(rate)
         # Return only once samples flow, so a phase begun right after opening starts inside the data.
         self._await(ser, lambda: stream.counters.samples > samples, "send samples after START")
+
+    def _unusable_lines(self, before: MeterCounters) -> str:
+        """Why lines that came while waiting did not count, e.g. ' (120 lines came: 120 malformed, 0 CRC errors)'."""
+        with self._cond:
+            now = self._stream.counters
+            lines = now.lines - before.lines
+            malformed, crc = now.malformed_lines - before.malformed_lines, now.crc_errors - before.crc_errors
+        if not malformed and not crc:
+            return ""
+        return f" ({lines} lines came: {malformed} malformed, {crc} CRC errors)"
+
+    def _acked_rate(self, ack: Ack) -> int:
+        """The rate in ``OK,START,<hz>``; a meter that reports no usable rate is at fault (ProtocolError)."""
+        text = ack.values[0] if ack.values else ""
+        if not (text.isdigit() and 1 <= int(text) <= MAX_RATE_HZ):
+            raise ProtocolError("format", f"meter on {self.port} acknowledged START with rate {text!r}; "
+                                          f"expected the rate it set, an integer 1..{MAX_RATE_HZ}")
+        return int(text)
 
     def _ask_identity(self, ser: serial.Serial, *, stop_first: bool) -> None:
         with self._cond:
             self._stream.expect_identity()
             seen = self._stream.identities_seen
         ser.write((command("STOP") if stop_first else b"") + command("ID?"))
-        self._await(ser, lambda: self._stream.identities_seen > seen, "identify itself (ID?)")
+
+        def identified() -> bool:
+            refused = self._stream.identity_error
+            if refused is not None:  # the meter answered, but with an identity that cannot be used
+                raise ProtocolError(refused.reason, f"meter on {self.port}: {refused}")
+            return self._stream.identities_seen > seen
+
+        self._await(ser, identified, "identify itself (ID?)")
 
     def _command(self, ser: serial.Serial, line: bytes, name: str) -> Ack:
         """Send one command and wait for its ``OK``; a meter error line in between is raised."""
@@ -417,6 +441,8 @@ class PowerMeter:
 
     def _await(self, ser: serial.Serial, done: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + self.timeout
+        with self._cond:
+            before = replace(self._stream.counters)
         while True:
             with self._cond:
                 if done():
@@ -424,7 +450,8 @@ class PowerMeter:
             if self._closing.is_set():
                 raise MeterError(f"meter on {self.port} closed while waiting for it to {what}")
             if time.monotonic() > deadline:
-                raise MeterTimeout(f"meter on {self.port} did not {what} within {self.timeout} s; "
+                raise MeterTimeout(f"meter on {self.port} did not {what} within {self.timeout} s"
+                                   f"{self._unusable_lines(before)}; "
                                    "is it running the qfl meter firmware (or the emulator)?")
             data = ser.read(ser.in_waiting or 1)
             if data:

@@ -34,7 +34,11 @@ from edge.meter.clock import ClockAligner
 from edge.meter.errors import ProtocolError
 from edge.meter.ina219 import BUS_LSB_VOLTS, SHUNT_LSB_VOLTS, decode_config
 from edge.meter.integrate import EnergyIntegrator, PhaseEnergy, PhaseToken
-from edge.meter.protocol import Ack, Identity, LineSplitter, MeterFault, Sample, parse_line
+from edge.meter.protocol import MAX_COUNTER, MAX_RATE_HZ, Ack, Identity, LineSplitter, MeterFault, Sample, parse_line
+
+# A seq jump may exceed the sample slots the meter clock allows by this much: the first sample
+# after a STOP/START cycle comes at once, not a period after the previous one.
+_SEQ_SLACK = 2
 
 
 @dataclass
@@ -84,6 +88,7 @@ class MeterStream:
                                            counters=self.counters.as_dict)
         self.identity: Identity | None = None
         self.identities_seen = 0
+        self.identity_error: ProtocolError | None = None  # why the last #QFLM line was refused
         self.acks: deque[Ack] = deque(maxlen=32)
         self.faults: deque[MeterFault] = deque(maxlen=32)
         self.ack_count = 0
@@ -121,6 +126,7 @@ class MeterStream:
     def expect_identity(self) -> None:
         """The host just asked ``ID?``: the next identity line is an answer, not a meter reboot."""
         self._expect_identity = True
+        self.identity_error = None
 
     def disconnected(self) -> None:
         """The link went away: the next sample starts a new run with a fresh clock fit."""
@@ -141,6 +147,8 @@ class MeterStream:
                     counters.crc_errors += 1
                 else:
                     counters.malformed_lines += 1
+                    if exc.reason == "format" and line.startswith(b"#QFLM,"):
+                        self.identity_error = exc
                 continue
             kind = type(message)
             if kind is Sample:
@@ -185,6 +193,9 @@ class MeterStream:
             counters.unidentified_samples += 1
             return
         last = self._last_seen
+        if not self._plausible(s, last):
+            counters.malformed_lines += 1
+            return
         if last is not None and (s.seq <= last[0] or s.t_us <= last[1]):
             counters.restarts += 1  # time or sequence went backwards: a new meter epoch
             self.needs_start = True
@@ -218,6 +229,21 @@ class MeterStream:
                 self._flush_warmup()
             return
         self._place(s.seq, s.t_us, t, watts, valid)
+
+    @staticmethod
+    def _plausible(s: Sample, last: tuple[int, int] | None) -> bool:
+        """False for a sample no meter can send: counters beyond MAX_COUNTER, or more seq steps than
+        sample slots (at the protocol's highest rate) since the last sample on the meter's own clock.
+
+        Such a line passed its CRC but cannot be true; taken as is, it would add its whole seq jump
+        to ``lost_samples``. It is dropped like a malformed line (seq or t_us going backwards is a restart).
+        """
+        if s.seq >= MAX_COUNTER or s.t_us >= MAX_COUNTER:
+            return False
+        if last is None or s.seq <= last[0] or s.t_us <= last[1]:
+            return True
+        slots = (s.t_us - last[1]) * MAX_RATE_HZ // 1_000_000
+        return s.seq - last[0] <= slots + _SEQ_SLACK
 
     def _flush_warmup(self) -> None:
         self._warming = False
