@@ -3,6 +3,7 @@ PowerMeter on real pseudo-terminals fed by the emulator."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pty
@@ -356,10 +357,8 @@ class ScriptedMeter:
         os.close(self.slave)
 
     def _send(self, body: str) -> None:
-        try:
+        with contextlib.suppress(OSError):  # nobody reads: a meter's USB buffer would drop it too
             os.write(self.master, frame(body))
-        except (BlockingIOError, OSError):  # nobody reads: a meter's USB buffer would drop it too
-            pass
 
     def _answer(self, line: bytes) -> bool:
         """Answer one command; True when it started sampling."""
@@ -378,10 +377,8 @@ class ScriptedMeter:
         self._seq, t_us, started, buf, began = 0, 0, False, b"", time.monotonic()
         while not self._stop.is_set():
             if select.select([self.master], [], [], 0.002)[0]:
-                try:
+                with contextlib.suppress(OSError):
                     buf += os.read(self.master, 4096)
-                except OSError:
-                    pass
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
                     started = self._answer(line) or started

@@ -87,9 +87,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from basestation.energy.plot import plot_precision, plot_formats
 
-        if args.plot.suffix.lstrip(".").lower() not in plot_formats():
+        formats = plot_formats()
+        if args.plot.suffix.lstrip(".").lower() not in formats:
             raise CommandError(f"--plot {args.plot}: the file name must end in one of "
-                               f"{', '.join('.' + f for f in sorted(plot_formats()))}")
+                               f"{', '.join('.' + f for f in sorted(formats))}")
 
         try:
             plot_precision(curve, args.plot, optimum=optimum, baseline=baseline,

@@ -16,6 +16,7 @@ basestation before the broker, as the testbed itself stops them), waits up to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -29,16 +30,14 @@ def _alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # it exists, under another user
         return True
     return True
 
 
 def _signal(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # gone already, or not ours
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def stop_groups(groups: list[int], grace: float = GRACE_SECONDS) -> None:

@@ -93,6 +93,8 @@ class Supervisor:
                 child.process.wait()
         # The group may hold grandchildren that outlive the leader.
         _signal_group(child.pid, signal.SIGKILL)
+        if self._guard is not None:  # stopped: the guard must not signal a group id the system may reuse
+            _tell(self._guard.stdin, f"-{child.pid}")
         return child.process.returncode
 
     def close(self, *, timeout: float = 10.0) -> None:
