@@ -182,6 +182,20 @@ def test_energy_of_rounds_without_a_result_counts_towards_later_rounds() -> None
     assert any("without a stored result (2)" in note for note in metrics.run_notes(run))
 
 
+def test_the_headline_says_how_much_energy_went_into_rounds_never_aggregated(tmp_path) -> None:
+    run = run_with("cut", [0.5, 0.7, 0.95], joules_per_round=10.0)
+    run = RunData(run.name, run.path, {}, run.rounds[:2], run.energy, [], None)   # stopped in round 3
+    assert metrics.unaggregated_energy(run) == {3: pytest.approx(10.0)}
+    write_report([run], tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "30 J over" in page and "of which 10 J in round 3, never aggregated" in page
+
+    whole = run_with("whole", [0.5, 0.7], joules_per_round=10.0)
+    assert metrics.unaggregated_energy(whole) == {}
+    write_report([whole], tmp_path)
+    assert "never aggregated" not in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
 def test_bad_comparison_input_names_what_was_expected() -> None:
     runs = [run_with("a", [0.5], 1.0), run_with("b", [0.6], 1.0)]
     with pytest.raises(ReportError, match="baseline run 'c' is not among the runs: a, b"):

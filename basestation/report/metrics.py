@@ -49,6 +49,17 @@ def energy_by_round(run: RunData) -> dict[int, float]:
     return {k: math.fsum(v) for k, v in sorted(per_round.items())}
 
 
+def unaggregated_energy(run: RunData) -> dict[int, float]:
+    """Measured energy of rounds that have energy reports but no stored result, keyed by round.
+
+    A run stopped mid-round (Ctrl-C, a killed basestation) leaves such a
+    round: its devices trained and sent, but no global model came of it. The
+    energy was spent, so the total counts it; the report says how much.
+    """
+    aggregated = {r.round for r in run.rounds}
+    return {k: v for k, v in energy_by_round(run).items() if k not in aggregated}
+
+
 def cumulative_energy(run: RunData) -> list[tuple[int, float]]:
     """``(round, cumulative measured joules up to and including it)`` for each stored round.
 
@@ -296,17 +307,16 @@ def run_notes(run: RunData) -> list[str]:
         if partial:
             notes.append(f"{partial} of {len(run.energy)} energy reports are partial "
                          "(the meter missed samples during the phase).")
-        stored = {r.round for r in run.rounds}
-        orphan = sorted({r.round for r in run.energy} - stored)
+        orphan = sorted(unaggregated_energy(run))
         if orphan and run.rounds:
-            notes.append(f"Energy reports of rounds without a stored result ({_ranges(orphan)}) are "
+            notes.append(f"Energy reports of rounds without a stored result ({round_ranges(orphan)}) are "
                          "counted in the totals and in the cumulative energy of later rounds.")
     if run.ground_truth_j is None:
         notes.append("No emulator ground-truth logs were found (expected for runs on real meters).")
     return notes
 
 
-def _ranges(numbers: list[int]) -> str:
+def round_ranges(numbers: list[int]) -> str:
     """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
     parts: list[str] = []
     start = prev = numbers[0]

@@ -101,6 +101,16 @@ def _write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _unaggregated_note(run: RunData) -> str:
+    """``", of which 1.2 J in round 5, never aggregated"`` for rounds cut short, else ``""``."""
+    cut_short = metrics.unaggregated_energy(run)
+    if not cut_short:
+        return ""
+    label = "round" if len(cut_short) == 1 else "rounds"
+    return (f", of which {tables.format_joules(math.fsum(cut_short.values()))} in {label} "
+            f"{metrics.round_ranges(sorted(cut_short))}, never aggregated")
+
+
 def _summary(run: RunData, target: metrics.TargetResult) -> list[tuple[str, str]]:
     rounds = run.sorted_rounds()
     accuracies = [r.accuracy for r in rounds if finite(r.accuracy)]
@@ -112,7 +122,7 @@ def _summary(run: RunData, target: metrics.TargetResult) -> list[tuple[str, str]
         ("final accuracy", fmt(accuracies[-1] if accuracies else None, "acc")),
         ("best accuracy", fmt(max(accuracies) if accuracies else None, "acc")),
         ("total measured energy", tables.format_joules(metrics.total_measured_j(run))
-         + f" over {len(run.energy)} energy reports"),
+         + f" over {tables.count_of(len(run.energy), 'energy report')}" + _unaggregated_note(run)),
         ("of which above idle", tables.format_joules(
             math.fsum(r.joules_above_idle for r in run.energy if math.isfinite(r.joules_above_idle)))),
         ("devices", str(len({r.device for r in run.energy}))),
