@@ -116,7 +116,16 @@ def _pick(prog: str, description: str, table: dict[str, str], argv: list[str], h
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run one subcommand, return its exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        # Ctrl-C before the subcommand runs: importing a command's module (numpy, matplotlib) can
+        # take a noticeable fraction of a second, and a traceback is no answer to an interrupt.
+        print("qfl: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(argv: list[str]) -> int:
     name = _pick("qfl", "qfl-testbed: quantized federated learning with measured energy.",
                  {n: _summary(n) for n in COMMANDS}, argv, "Run 'qfl COMMAND --help' for the options of one command.",
                  version=True)

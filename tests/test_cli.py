@@ -52,6 +52,19 @@ def test_a_command_group_lists_its_actions_and_rejects_others(capsys: pytest.Cap
     assert "unknown command 'emulat'; choose one of: read, emulate" in capsys.readouterr().err
 
 
+def test_an_interrupt_while_a_command_loads_is_one_line_and_status_130(tmp_path) -> None:
+    # A Ctrl-C that lands while the subcommand's module is still being imported, made certain by a
+    # module that raises it on import.
+    (tmp_path / "interrupted_on_import.py").write_text("raise KeyboardInterrupt\n", encoding="utf-8")
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+            "from edge import cli\n"
+            "cli.COMMANDS['slow'] = ('interrupted_on_import', 'a command slow to load')\n"
+            "raise SystemExit(cli.main(['slow']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130
+    assert done.stderr == "qfl: interrupted\n"
+
+
 def test_dispatch_imports_only_the_command_it_runs() -> None:
     code = (
         "import sys, json, contextlib, io\n"
