@@ -286,6 +286,8 @@ def test_cli_read_against_the_emulator(tmp_path, worker, capsys):
     assert summary["joules"] == pytest.approx(summary["mean_watts"] * summary["seconds"], rel=0.01)
     assert not summary["partial"] and summary["crc_errors"] == 0
     assert " V " in captured.err and " W" in captured.err
+    # The emulator's clock does not drift: a 1.2 s read's drift is within the uncertainty it states.
+    assert abs(summary["drift_ppm"]) <= summary["drift_uncertainty_ppm"]
 
 
 @pytest.mark.parametrize("argv, message", [

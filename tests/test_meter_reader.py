@@ -113,6 +113,30 @@ def test_clock_fit_stays_under_every_arrival_and_bounded_under_per_line_jitter()
     assert abs(clock.drift_ppm + 150) < 500
 
 
+@pytest.mark.parametrize("mode", ["batched", "per-line"])
+def test_clock_drift_comes_with_an_uncertainty_that_covers_its_error_and_shrinks_with_time(mode):
+    bounds = {}
+    for seconds in (1.5, 20.0):
+        for seed, drift_ppm in enumerate((-200.0, 0.0, 150.0)):
+            rng = np.random.default_rng(seed)
+            host = HOST0 + np.arange(0, seconds, 0.001)
+            meter = (host - HOST0) * (1 + drift_ppm * 1e-6) + 3.0
+            clock = ClockAligner()
+            assert clock.drift_uncertainty_ppm is None
+            for m, a in zip(meter, arrivals(host, mode, rng)):
+                clock.observe(m, a)
+            assert abs(clock.drift_ppm - drift_ppm) <= clock.drift_uncertainty_ppm
+            bounds.setdefault(seconds, []).append(clock.drift_uncertainty_ppm)
+    assert max(bounds[20.0]) < min(bounds[1.5])
+
+
+def test_clock_has_no_drift_uncertainty_before_it_has_a_slope():
+    clock = ClockAligner()
+    for k in range(200):                    # 0.2 s: inside the first bucket, no line fitted yet
+        clock.observe(k * 0.001, HOST0 + k * 0.001)
+    assert clock.drift_ppm == 0.0 and clock.drift_uncertainty_ppm is None
+
+
 def test_clock_rejects_bad_settings():
     with pytest.raises(ValueError):
         ClockAligner(bucket_seconds=1.0, window_seconds=0.5)

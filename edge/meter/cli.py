@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             "malformed_lines": energy.malformed_lines,
             "reconnects": energy.reconnects,
             "drift_ppm": meter.drift_ppm,
+            "drift_uncertainty_ppm": meter.drift_uncertainty_ppm,
             "total_samples": counters.samples,
         }
     if args.json:
@@ -107,5 +108,13 @@ def run(args: argparse.Namespace) -> int:
               f"{summary['overflow_samples']} overflow)")
         print(f"gaps        {summary['gaps']} ({summary['gap_seconds']:.3f} s){'  PARTIAL' if summary['partial'] else ''}")
         print(f"link        {summary['crc_errors']} CRC errors, {summary['malformed_lines']} malformed lines, "
-              f"{summary['reconnects']} reconnects, clock drift {summary['drift_ppm']:+.1f} ppm")
+              f"{summary['reconnects']} reconnects, clock drift {_drift(summary)}")
     return 0
+
+
+def _drift(summary: dict) -> str:
+    """``"+12.3 ppm +- 4.1 ppm"``, or why there is no figure yet."""
+    uncertainty = summary["drift_uncertainty_ppm"]
+    if uncertainty is None:
+        return "not measured (the read was too short for a clock fit)"
+    return f"{summary['drift_ppm']:+.1f} ppm +- {uncertainty:.1f} ppm"

@@ -49,6 +49,8 @@ class ClockAligner:
         self._best_x = 0.0
         self._best_y = 0.0
         self._spread = 0.0
+        self._edge_s = 0.0
+        self._edge_spread: float | None = None
         self.observations = 0
 
     @property
@@ -65,6 +67,22 @@ class ClockAligner:
     def drift_ppm(self) -> float:
         """How fast the meter clock runs against the host's, in parts per million (positive: meter fast)."""
         return (1.0 / (1.0 + self._skew) - 1.0) * 1e6
+
+    @property
+    def drift_uncertainty_ppm(self) -> float | None:
+        """How far off :attr:`drift_ppm` may be, in ppm; None before there is a slope to judge.
+
+        The slope comes from the two bucket minima that end the chosen hull
+        edge. Each may sit above the true line by as much as the other minima
+        sit above the fitted one (their mean height, the edge's own two left
+        out, since they lie on it by construction), so the slope is good to
+        about twice that over the edge's length. A read of a second or two
+        spans little, and its drift means little: the uncertainty says so.
+        None also while only the edge's two minima exist.
+        """
+        if self._edge_s <= 0 or self._edge_spread is None:
+            return None
+        return 2.0 * max(self._edge_spread, 20e-6) / self._edge_s * 1e6
 
     @property
     def uncertainty_s(self) -> float:
@@ -114,6 +132,7 @@ class ClockAligner:
             if b[0] >= mean_x:
                 break
         skew = (y1 - y0) / (x1 - x0) if x1 > x0 else 0.0
+        self._edge_s = x1 - x0
         ref, offset = x0, y0
         if abs(skew) > self.max_skew:  # implausible: keep a bounded slope, lowest line under all points
             skew = max(-self.max_skew, min(self.max_skew, skew))
@@ -123,7 +142,10 @@ class ClockAligner:
         below = offset + skew * (self._best_x - ref) - self._best_y
         if below > 0:
             self._offset -= below
-        self._spread = sum(y - self.to_host(x) + x for x, y in points) / len(points)
+        heights = [y - self.to_host(x) + x for x, y in points]
+        self._spread = sum(heights) / len(points)
+        others = [h for (x, _), h in zip(points, heights) if x not in (x0, x1)]
+        self._edge_spread = sum(others) / len(others) if others else None
 
 
 def _cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> float:

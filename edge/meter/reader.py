@@ -108,7 +108,8 @@ class PowerMeter:
             are handled in batches (fewer wake-ups, less CPU).
 
     Beyond phases: ``idle_watts``, ``measure_idle()``, ``live()`` (mean V, A,
-    W since the last call), ``counters``, ``identity``, ``state``, ``drift_ppm``.
+    W since the last call), ``counters``, ``identity``, ``state``, ``drift_ppm``,
+    ``drift_uncertainty_ppm``.
     """
 
     def __init__(self, port: str, *, rate_hz: int = 1000, idle_seconds: float = 1.0, timeout: float = 5.0,
@@ -209,6 +210,12 @@ class PowerMeter:
         """Fitted meter clock drift against the host clock."""
         with self._cond:
             return self._stream.clock.drift_ppm
+
+    @property
+    def drift_uncertainty_ppm(self) -> float | None:
+        """How far off :attr:`drift_ppm` may be (None until the clock fit has a slope)."""
+        with self._cond:
+            return self._stream.clock.drift_uncertainty_ppm
 
     def close(self) -> None:
         """Stop the meter and release the port; safe to call more than once."""

@@ -357,7 +357,8 @@ class EdgeRuntime:
             except MeterError as exc:  # e.g. the meter was unplugged during the phase
                 log.warning("no %s energy from the meter: %s", name, exc)
         identity = meter.identity
-        health = {"state": meter.state, "drift_ppm": _finite(meter.drift_ppm), "idle_watts": _finite(meter.idle_watts),
+        health = {"state": meter.state, "drift_ppm": _finite(meter.drift_ppm),
+                  "drift_uncertainty_ppm": _finite(meter.drift_uncertainty_ppm), "idle_watts": _finite(meter.idle_watts),
                   "firmware": identity.firmware if identity is not None else None,
                   "counters": meter.counters.as_dict()}
         return {"id": self._meter_id(), "board": self.config.board, "phases": phases, "health": health}
