@@ -66,6 +66,9 @@ def test_short_run_end_to_end(tmp_path: Path) -> None:
     # The closing line sets the model against the energy above idle, the quantity it predicts.
     assert (f"{summary['energy_above_idle_j']:.3g} J of it above idle, where the model said "
             f"{summary['energy_model_j']:.3g} J") in out.stderr
+    # A fixed run holds one precision, so the fit cannot calibrate: the line says where to read why.
+    assert summary["energy_calibrated_j"] is None
+    assert "(no calibrated figure: the report's notes say why)" in out.stderr
 
     # The measured energy is the sum of the stored energy reports ...
     with sqlite3.connect(run_dir / "store.sqlite") as db:

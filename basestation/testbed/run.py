@@ -206,10 +206,18 @@ def _finish(settings: TestbedSettings, layout: RunLayout, seconds: float, consol
     # The model predicts the energy above idle, so that is what it is set against here.
     console.print(f"final accuracy {summary['final_accuracy']:.3f} after {count_of(summary['rounds'], 'round')}; measured "
                   f"{summary['energy_j']:.3g} J, {summary['energy_above_idle_j']:.3g} J of it above idle, where "
-                  f"the model said {_joules(summary['energy_model_j'])} (calibrated "
-                  f"{_joules(summary['energy_calibrated_j'])}); {seconds:.0f} s", highlight=False)
+                  f"the model said {_joules(summary['energy_model_j'])} ({_calibrated(summary)}); "
+                  f"{seconds:.0f} s", highlight=False)
     console.print(f"report: {report}", highlight=False)
     return RunResult(layout.root, summary, report)
+
+
+def _calibrated(summary: dict) -> str:
+    """``"calibrated 0.29 J"``, or where to read why there is no calibrated figure."""
+    if summary["energy_calibrated_j"] is None:
+        # e.g. every round at one training precision: the fit cannot separate its terms
+        return "no calibrated figure: the report's notes say why"
+    return f"calibrated {_joules(summary['energy_calibrated_j'])}"
 
 
 def _joules(value: float | None) -> str:
