@@ -25,6 +25,9 @@ from __future__ import annotations
 
 from collections import deque
 
+# Floor of the minima's spread in both uncertainties: minima that line up exactly still carry timing error.
+MIN_DELAY_SPREAD_S = 20e-6
+
 
 class ClockAligner:
     """Lower-envelope fit of host time against meter time (see the module docstring)."""
@@ -82,12 +85,12 @@ class ClockAligner:
         """
         if self._edge_s <= 0 or self._edge_spread is None:
             return None
-        return 2.0 * max(self._edge_spread, 20e-6) / self._edge_s * 1e6
+        return 2.0 * max(self._edge_spread, MIN_DELAY_SPREAD_S) / self._edge_s * 1e6
 
     @property
     def uncertainty_s(self) -> float:
         """Typical distance of the bucket minima above the fitted line: the scale of the offset error."""
-        return max(self._spread, 20e-6)
+        return max(self._spread, MIN_DELAY_SPREAD_S)
 
     def observe(self, meter_s: float, host_s: float) -> None:
         """Add one (meter time, host arrival time) pair; meter times must not decrease."""
