@@ -100,13 +100,18 @@ def test_small_real_sweep_prints_the_issue_object_and_resumes(tmp_path, capsys):
         fh.write(b'[1, 2]\n{"key": "fixed-n8-m8-I5-s0", "kind": "fixed"}\n\xff\xfe\n')
     assert qfl([*SWEEP, "--out", str(out), "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["settings"] == obj["settings"]
+    latest = json.loads(captured.out)
+    assert latest["settings"] == obj["settings"] and set(latest["policies"]) == {"measured"}
     assert "3 line(s) are not result rows" in " ".join(captured.err.split())
     spec = (out / "sweep.json").read_bytes()
     (out / "sweep.json").write_bytes(spec[: len(spec) // 2])
     assert qfl([*SWEEP, "--out", str(out)]) == 2
     assert "sweep.json is damaged" in capsys.readouterr().err
     (out / "sweep.json").write_bytes(spec)
+
+    # Resumed without --policies, the measured policy's finished runs are still in the summary.
+    assert qfl([*[a if a != "measured" else "" for a in SWEEP], "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["policies"] == latest["policies"]
 
     # The same --out with a different grid is refused, not mixed in.
     assert qfl([*[a if a != "4,32" else "8" for a in SWEEP], "--out", str(out)]) == 2

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     from firmware_tools.broker_auth import MosquittoMissing
     from basestation.report.sweep import write_sweep_report
-    from basestation.sweep.result import sweep_object
+    from basestation.sweep.result import policies_shown, sweep_object
     from basestation.sweep.runner import SweepError, run_sweep
     from basestation.sweep.wape import held_out_wape
     from basestation.testbed.run import TestbedError
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         results = run_sweep(base, grid, policies, args.seeds, out, console)
     except (SweepError, TestbedError, MosquittoMissing, ValueError) as exc:
         raise CommandError(str(exc)) from None
-    obj = sweep_object(results, base.target_accuracy, policies)
+    obj = sweep_object(results, base.target_accuracy, policies_shown(results, policies))
     extended = {**obj, "scenario": {"model": base.model, "board": base.board, "link": base.link,
                                     "devices": base.devices, "meters": base.meters, "dataset": base.dataset,
                                     "iterations": base.iterations,

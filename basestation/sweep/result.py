@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from basestation.sweep.grid import POLICY_NAMES
+
 
 def _mean(values: list[float | None]) -> float | None:
     if not values or any(v is None or not math.isfinite(v) for v in values):
@@ -32,6 +34,17 @@ def setting_means(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[int, int, int
         if r["kind"] == "fixed":
             groups.setdefault((r["n"], r["m"], r["I"]), []).append(r["energy_to_target_j"])
     return {s: _mean(v) for s, v in sorted(groups.items())}
+
+
+def policies_shown(results: Mapping[str, Mapping[str, Any]], asked: Iterable[str]) -> tuple[str, ...]:
+    """The policies asked for, then every other policy with finished runs in the sweep's folder.
+
+    A sweep resumed with fewer ``--policies`` keeps the runs of the others,
+    and its summary and report keep showing them.
+    """
+    asked = tuple(asked)
+    finished = {r["policy"] for r in results.values() if r["kind"] == "policy"}
+    return asked + tuple(name for name in POLICY_NAMES if name in finished and name not in asked)
 
 
 def sweep_object(results: Mapping[str, Mapping[str, Any]], target: float, policies: Iterable[str]) -> dict[str, Any]:
